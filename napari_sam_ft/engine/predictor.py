@@ -1,0 +1,232 @@
+"""SamPredictor for volumes: pay the encoder once per slice, then predict per prompt.
+
+All prompt coordinates are in volume pixel units of the current slice, SAM-style: points are (x, y) =
+(column, row) and boxes are (x_min, y_min, x_max, y_max). napari's (row, col) are converted by
+``engine.prompts``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..devices import autocast_context, autocast_dtype, dtype_name
+from ..models.registry import LoadedModel
+from ..volume import Volume, Window, choose_window
+from .cache import CacheKey, EmbeddingCache, volume_content_hash
+
+ProgressCallback = Callable[[int, int], None]
+CancelCheck = Callable[[], bool]
+
+
+class Cancelled(Exception):
+    """Raised inside long work when the caller's cancel check says stop."""
+
+
+@dataclass
+class Prediction:
+    """One predicted object on one slice."""
+
+    mask: np.ndarray  # (H, W) bool
+    score: float  # the decoder's predicted IoU
+    low_res_logits: torch.Tensor  # (1, h, w) float32: feed back as ``mask_input`` to refine
+
+
+class VolumePredictor:
+    """Encodes slices of one volume on demand (through an ``EmbeddingCache``) and decodes prompts.
+
+    ``encoder_calls`` counts image-encoder forward passes, so tests can prove a click never re-encodes.
+    """
+
+    def __init__(self, model: LoadedModel, volume: Volume, window: str | tuple[float, float] | Window = "auto",
+                 cache: EmbeddingCache | None = None, precision: str = "auto", batch_size: int | None = None):
+        self.model = model
+        self.volume = volume
+        self.window = window if isinstance(window, Window) else choose_window(volume.array, window)
+        self.cache = cache if cache is not None else EmbeddingCache()
+        self.encoder_dtype = autocast_dtype(model.device, precision)
+        self.batch_size = batch_size or (8 if model.device.type == "cuda" else 2)
+        self.volume_hash = volume_content_hash(volume.array)
+        self.encoder_calls = 0
+        self.encoded_slices = 0
+        self.last_decode_ms = float("nan")
+        self._current_slice: int | None = None
+        self._encode_lock = threading.Lock()  # one encoder pass at a time: they already use every core
+
+    # -- geometry and keys -----------------------------------------------------------------------
+    @property
+    def slice_shape(self) -> tuple[int, int]:
+        return int(self.volume.shape[1]), int(self.volume.shape[2])
+
+    @property
+    def cache_key(self) -> CacheKey:
+        return CacheKey(self.volume_hash, self.model.model_id, self.model.adapter_id, self.window.key,
+                        self.volume.file_axes[0])
+
+    @property
+    def precision_name(self) -> str:
+        return dtype_name(self.encoder_dtype)
+
+    def slice_image(self, slice_index: int) -> np.ndarray:
+        """The windowed slice, (H, W) float32 in [0, 1]."""
+        self._check_slice(slice_index)
+        return self.window.apply(self.volume.array[slice_index])
+
+    def _check_slice(self, slice_index: int) -> None:
+        if not 0 <= int(slice_index) < self.volume.num_slices:
+            raise IndexError(f"slice index {slice_index} is out of range 0..{self.volume.num_slices - 1}")
+
+    # -- encoding --------------------------------------------------------------------------------
+    def is_encoded(self, slice_index: int) -> bool:
+        return self.cache.contains(self.cache_key, slice_index)
+
+    def embedding(self, slice_index: int) -> torch.Tensor:
+        """The (1, C, h, w) float32 image embedding of a slice, encoding it only if it is not cached."""
+        self._check_slice(slice_index)
+        cached = self.cache.get(self.cache_key, slice_index)
+        if cached is None:
+            self.encode_slices([slice_index])
+            cached = self.cache.get(self.cache_key, slice_index)
+        return cached.to(self.model.device, torch.float32).unsqueeze(0)
+
+    @torch.inference_mode()
+    def encode_batch(self, images_01: np.ndarray) -> torch.Tensor:
+        """Run the image encoder on (B, H, W) windowed slices; returns (B, C, h, w) float32 embeddings."""
+        inputs = self.model.preprocessing.image_to_tensor(images_01).to(self.model.device)
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+        with autocast_context(self.model.device, self.encoder_dtype):
+            embeddings = self.model.sam.image_encoder(inputs)
+        self.encoder_calls += 1
+        return embeddings.float()
+
+    def encode_slices(self, slice_indices, progress: ProgressCallback | None = None,
+                      should_cancel: CancelCheck | None = None, skip_cached: bool = True) -> int:
+        """Encode and cache the given slices in batches; returns how many were encoded.
+
+        ``progress(done, total)`` is called after each batch; ``should_cancel()`` is checked between
+        batches and raises ``Cancelled`` (slices finished so far stay cached).
+        """
+        indices = [int(index) for index in slice_indices]
+        for index in indices:
+            self._check_slice(index)
+        if skip_cached:
+            indices = [index for index in indices if not self.is_encoded(index)]
+        total = len(indices)
+        done = 0
+        if progress:
+            progress(0, total)
+        for start in range(0, total, self.batch_size):
+            if should_cancel is not None and should_cancel():
+                raise Cancelled(f"encoding cancelled after {done} of {total} slices")
+            batch = indices[start:start + self.batch_size]
+            with self._encode_lock:
+                batch = [index for index in batch if not (skip_cached and self.is_encoded(index))]
+                if batch:
+                    images = np.stack([self.slice_image(index) for index in batch])
+                    embeddings = self.encode_batch(images)
+                    for index, embedding in zip(batch, embeddings):
+                        self.cache.put(self.cache_key, index, embedding)
+                    self.encoded_slices += len(batch)
+            done = min(start + self.batch_size, total)
+            if progress:
+                progress(done, total)
+        return total
+
+    def encode_volume(self, progress: ProgressCallback | None = None, should_cancel: CancelCheck | None = None,
+                      slice_indices=None) -> int:
+        """Precompute embeddings for the whole volume (or the given slices)."""
+        indices = range(self.volume.num_slices) if slice_indices is None else slice_indices
+        return self.encode_slices(indices, progress=progress, should_cancel=should_cancel)
+
+    # -- prompting -------------------------------------------------------------------------------
+    def set_slice(self, slice_index: int) -> None:
+        """Make ``slice_index`` the current slice, encoding it if needed (SamPredictor.set_image)."""
+        self.embedding(slice_index)
+        self._current_slice = int(slice_index)
+
+    @property
+    def current_slice(self) -> int | None:
+        return self._current_slice
+
+    def predict(self, point_coords: np.ndarray | None = None, point_labels: np.ndarray | None = None,
+                box: np.ndarray | None = None, mask_input: torch.Tensor | None = None, multimask_output: bool = False,
+                slice_index: int | None = None) -> Prediction:
+        """Predict one object on the current slice (or ``slice_index``) from points and/or a box.
+
+        ``point_coords`` (N, 2) as (x, y) pixels with ``point_labels`` (N,) 1 = positive, 0 = negative;
+        ``box`` (4,) as (x_min, y_min, x_max, y_max); ``mask_input`` (1, h, w) low-res logits from a
+        previous prediction. With ``multimask_output`` the best of SAM's three masks is returned.
+        """
+        slice_index = self._resolve_slice(slice_index)
+        points = None if point_coords is None else np.asarray(point_coords, dtype=np.float32).reshape(1, -1, 2)
+        labels = None if point_labels is None else np.asarray(point_labels, dtype=np.float32).reshape(1, -1)
+        boxes = None if box is None else np.asarray(box, dtype=np.float32).reshape(1, 4)
+        masks = None if mask_input is None else mask_input.reshape(1, 1, *mask_input.shape[-2:])
+        logits, scores, low_res = self.decode(slice_index, points, labels, boxes, masks, multimask_output)
+        best = int(torch.argmax(scores[0]))
+        return Prediction((logits[0, best] > 0).cpu().numpy(), float(scores[0, best]), low_res[0, best:best + 1])
+
+    def predict_boxes(self, boxes: np.ndarray, slice_index: int | None = None,
+                      mask_inputs: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Several objects on one slice in one decoder pass: (N, 4) xyxy boxes -> (N, H, W) bool, (N,) IoU."""
+        slice_index = self._resolve_slice(slice_index)
+        boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+        if len(boxes) == 0:
+            return np.zeros((0, *self.slice_shape), bool), np.zeros(0, np.float32)
+        logits, scores, _ = self.decode(slice_index, None, None, boxes, mask_inputs, False)
+        return (logits[:, 0] > 0).cpu().numpy(), scores[:, 0].cpu().numpy()
+
+    def _resolve_slice(self, slice_index: int | None) -> int:
+        if slice_index is None:
+            if self._current_slice is None:
+                raise RuntimeError("no slice is set: call set_slice(index) or pass slice_index")
+            return self._current_slice
+        self._check_slice(slice_index)
+        return int(slice_index)
+
+    @torch.inference_mode()
+    def decode(self, slice_index: int, points_xy: np.ndarray | None, point_labels: np.ndarray | None,
+               boxes_xyxy: np.ndarray | None, mask_inputs: torch.Tensor | None, multimask_output: bool,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Batched prompt encoder + mask decoder on one slice.
+
+        ``points_xy`` (B, N, 2), ``point_labels`` (B, N), ``boxes_xyxy`` (B, 4), ``mask_inputs`` (B, 1, h, w).
+        Returns slice-grid logits (B, K, H, W), predicted IoU (B, K) and low-res logits (B, K, h, w).
+        """
+        started = time.perf_counter()
+        sam = self.model.sam
+        device = self.model.device
+        height, width = self.slice_shape
+        preprocessing = self.model.preprocessing
+        embedding = self.embedding(slice_index)
+        point_prompt = None
+        if points_xy is not None:
+            coords = torch.from_numpy(preprocessing.coords_to_model(points_xy, height, width)).to(device)
+            labels = torch.as_tensor(point_labels, dtype=torch.int64, device=device)
+            point_prompt = (coords, labels)
+        box_prompt = None
+        if boxes_xyxy is not None:
+            corners = preprocessing.coords_to_model(np.asarray(boxes_xyxy, np.float32).reshape(-1, 2, 2), height, width)
+            box_prompt = torch.from_numpy(corners.reshape(-1, 4)).to(device)
+        if mask_inputs is not None:
+            mask_inputs = mask_inputs.to(device, torch.float32)
+        sparse, dense = sam.prompt_encoder(points=point_prompt, boxes=box_prompt, masks=mask_inputs)
+        low_res, iou = sam.mask_decoder(image_embeddings=embedding, image_pe=sam.prompt_encoder.get_dense_pe(),
+                                        sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                        multimask_output=multimask_output)
+        logits = preprocessing.logits_to_slice(low_res, height, width)
+        self.last_decode_ms = (time.perf_counter() - started) * 1000.0
+        return logits, iou, low_res
+
+    # -- status ----------------------------------------------------------------------------------
+    def status(self) -> dict:
+        """What the widget's status line shows."""
+        cached = len(self.cache.cached_slices(self.cache_key, self.volume.num_slices))
+        return {"device": str(self.model.device), "dtype": self.precision_name, "cached_slices": cached,
+                "num_slices": self.volume.num_slices, "cache_mb": self.cache.memory_bytes / 2**20,
+                "last_ms": self.last_decode_ms}

