@@ -65,7 +65,8 @@ class VolumePredictor:
 
     @property
     def cache_key(self) -> CacheKey:
-        return CacheKey(self.volume_hash, self.model.model_id, self.model.adapter_id, self.window.key,
+        encoder_adapter = self.model.adapter_id if self.model.encoder_adapted else "none"
+        return CacheKey(self.volume_hash, self.model.model_id, encoder_adapter, self.window.key,
                         self.volume.file_axes[0])
 
     @property

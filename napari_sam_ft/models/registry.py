@@ -181,6 +181,8 @@ class LoadedModel:
     device: torch.device = torch.device("cpu")
     # Set by the fine-tuning code when a LoRA adapter is active; part of every embedding-cache key.
     adapter_id: str = "none"
+    # True when the active adapter changes the image encoder (its embeddings then get their own cache key).
+    encoder_adapted: bool = False
     # The active adapter's no-prompt class head (``finetune.heads.ClassHead``) and its label ids, if any.
     class_head: torch.nn.Module | None = None
     class_ids: tuple[int, ...] = ()

@@ -376,10 +376,16 @@ class TinyViT(nn.Module):
 
         ``s`` is 4 for LiteMedSAM (256 -> 64) and 16 for MobileSAM (1024 -> 64).
         """
+        # Channels-last lets oneDNN run the convolutions without layout
+        # reorders and makes the NCHW <-> (B, H, W, C) permutes free; it is
+        # ~25% faster on CPU.  Costs nothing if the caller already did it.
+        x = x.contiguous(memory_format=torch.channels_last)
         x = self.patch_embed.seq(x)
         for layer in self.layers:
             x = layer(x)
-        return self.neck(x)
+        # Hand back an ordinary contiguous tensor (a 4 MB copy) so callers can
+        # .view() it freely.
+        return self.neck(x).contiguous()
 
 
 def tiny_vit_litemedsam() -> TinyViT:

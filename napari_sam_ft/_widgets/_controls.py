@@ -1,0 +1,152 @@
+"""The segment widget's controls, laid out in groups; the widget wires them to layers and the engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from napari.layers import Image, Labels
+from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QGroupBox, QHBoxLayout, QLabel,
+                            QLineEdit, QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget)
+
+from ..devices import DEVICE_CHOICES
+from ..engine.propagate import DEFAULT_STOP_IOU
+from ..models.registry import DEFAULT_MODEL, MODELS
+from ..volume import WINDOW_CHOICES
+from ._layer_combo import LayerComboBox
+from ._layers import PREVIEW_NAME
+from ._session import NO_ADAPTER
+
+NEW_LABELS_LAYER = "(new layer)"
+KEYS = (("s", "segment the current slice from its prompts"),
+        ("c", "commit the preview into the labels layer"),
+        ("Shift-S", "propagate the preview through z"),
+        ("Shift-C", "clear prompts and preview"),
+        ("click", "positive point; Shift/Ctrl-click: negative point"))
+
+
+@dataclass
+class SegmentControls:
+    image_combo: LayerComboBox
+    model_combo: QComboBox
+    checkpoint_edit: QLineEdit
+    checkpoint_button: QPushButton
+    device_combo: QComboBox
+    window_combo: QComboBox
+    adapter_combo: QComboBox
+    adapter_button: QPushButton
+    encode_button: QPushButton
+    negative_check: QCheckBox
+    label_spin: QSpinBox
+    labels_combo: LayerComboBox
+    overwrite_check: QCheckBox
+    segment_button: QPushButton
+    commit_button: QPushButton
+    propagate_button: QPushButton
+    clear_button: QPushButton
+    stop_iou_spin: QDoubleSpinBox
+    range_spin: QSpinBox
+    auto_slice_button: QPushButton
+    auto_volume_button: QPushButton
+    progress_bar: QProgressBar
+    cancel_button: QPushButton
+    task_label: QLabel
+    status_label: QLabel
+
+
+def _row(*widgets: QWidget) -> QWidget:
+    holder = QWidget()
+    layout = QHBoxLayout(holder)
+    layout.setContentsMargins(0, 0, 0, 0)
+    for widget in widgets:
+        layout.addWidget(widget)
+    return holder
+
+
+def _combo(items, current: str, tooltip: str) -> QComboBox:
+    combo = QComboBox()
+    combo.addItems(list(items))
+    combo.setCurrentText(current)
+    combo.setToolTip(tooltip)
+    return combo
+
+
+def build_controls(widget: QWidget, viewer) -> SegmentControls:
+    """Create the controls inside ``widget`` (a vertical layout of groups) and return them."""
+    model_combo = _combo(MODELS, DEFAULT_MODEL, "\n".join(f"{name}: {spec.description}" for name, spec in MODELS.items()))
+    checkpoint_edit = QLineEdit()
+    checkpoint_edit.setPlaceholderText("embedded weights")
+    checkpoint_edit.setToolTip("Checkpoint file (.pth or .safetensors); required for every model but litemedsam")
+    adapter_combo = _combo([NO_ADAPTER], NO_ADAPTER, "LoRA adapter applied to the model (made by the fine-tune panel)")
+    controls = SegmentControls(
+        image_combo=LayerComboBox(viewer, Image), model_combo=model_combo, checkpoint_edit=checkpoint_edit,
+        checkpoint_button=QPushButton("…"), device_combo=_combo(DEVICE_CHOICES, "auto", "Compute device"),
+        window_combo=_combo(WINDOW_CHOICES, "auto", "Intensity window the model sees (auto: CT soft tissue or "
+                            "MRI percentiles)"),
+        adapter_combo=adapter_combo, adapter_button=QPushButton("…"),
+        encode_button=QPushButton("Precompute embeddings"),
+        negative_check=QCheckBox("negative clicks"), label_spin=QSpinBox(),
+        labels_combo=LayerComboBox(viewer, Labels, extra_items=(NEW_LABELS_LAYER,), exclude_names=(PREVIEW_NAME,)),
+        overwrite_check=QCheckBox("overwrite other labels"),
+        segment_button=QPushButton("Segment [s]"), commit_button=QPushButton("Commit [c]"),
+        propagate_button=QPushButton("Propagate [Shift-S]"), clear_button=QPushButton("Clear [Shift-C]"),
+        stop_iou_spin=QDoubleSpinBox(), range_spin=QSpinBox(),
+        auto_slice_button=QPushButton("Auto-segment slice"), auto_volume_button=QPushButton("Auto-segment volume"),
+        progress_bar=QProgressBar(), cancel_button=QPushButton("Cancel"), task_label=QLabel(""),
+        status_label=QLabel("model not loaded"))
+    controls.checkpoint_button.setToolTip("Choose a checkpoint file")
+    controls.adapter_button.setToolTip("Choose an adapter folder")
+    controls.encode_button.setToolTip("Encode every slice in the background, so each click only decodes (~70 ms)")
+    controls.label_spin.setRange(1, 2**31 - 1)
+    controls.label_spin.setValue(1)
+    controls.overwrite_check.setToolTip("Unticked, a commit only paints background and its own label")
+    controls.stop_iou_spin.setRange(0.0, 1.0)
+    controls.stop_iou_spin.setSingleStep(0.05)
+    controls.stop_iou_spin.setValue(DEFAULT_STOP_IOU)
+    controls.stop_iou_spin.setToolTip("Propagation stops at the first slice whose predicted IoU is below this")
+    controls.range_spin.setRange(0, 10000)
+    controls.range_spin.setSpecialValueText("whole volume")
+    controls.range_spin.setToolTip("Propagate at most this many slices beyond the key slices (0: whole volume)")
+    controls.progress_bar.setRange(0, 1)
+    controls.progress_bar.setValue(0)
+    controls.cancel_button.setEnabled(False)
+    controls.status_label.setWordWrap(True)
+    controls.task_label.setWordWrap(True)
+
+    model_group = QGroupBox("Image and model")
+    form = QFormLayout(model_group)
+    form.addRow("image", controls.image_combo)
+    form.addRow("model", controls.model_combo)
+    form.addRow("checkpoint", _row(controls.checkpoint_edit, controls.checkpoint_button))
+    form.addRow("device", controls.device_combo)
+    form.addRow("window", controls.window_combo)
+    form.addRow("adapter", _row(controls.adapter_combo, controls.adapter_button))
+    form.addRow(controls.encode_button)
+
+    prompt_group = QGroupBox("Interactive")
+    form = QFormLayout(prompt_group)
+    form.addRow("labels layer", controls.labels_combo)
+    form.addRow("label id", _row(controls.label_spin, controls.negative_check))
+    form.addRow(controls.overwrite_check)
+    form.addRow(_row(controls.segment_button, controls.commit_button))
+    form.addRow(_row(controls.propagate_button, controls.clear_button))
+    form.addRow("stop IoU", controls.stop_iou_spin)
+    form.addRow("range ±", controls.range_spin)
+    keys = QLabel("<br>".join(f"<b>{key}</b>: {what}" for key, what in KEYS))
+    keys.setWordWrap(True)
+    form.addRow(keys)
+
+    auto_group = QGroupBox("Automatic (new labels layer)")
+    auto_layout = QVBoxLayout(auto_group)
+    auto_layout.addWidget(_row(controls.auto_slice_button, controls.auto_volume_button))
+
+    progress_group = QGroupBox("Progress")
+    progress_layout = QVBoxLayout(progress_group)
+    progress_layout.addWidget(_row(controls.progress_bar, controls.cancel_button))
+    progress_layout.addWidget(controls.task_label)
+    progress_layout.addWidget(controls.status_label)
+
+    layout = QVBoxLayout(widget)
+    for group in (model_group, prompt_group, auto_group, progress_group):
+        layout.addWidget(group)
+    layout.addStretch(1)
+    return controls

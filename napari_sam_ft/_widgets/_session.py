@@ -1,0 +1,109 @@
+"""The model, predictor and adapter behind one segment widget: built in a worker, rebuilt when a choice changes.
+
+Each widget owns one ``SegmentSession`` (no module-level state). The GUI thread only reads
+``ready_predictor(choices)``; ``build(choices, volume)`` loads weights, hashes the volume and applies an
+adapter, so it runs in a background task.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+# Imported here, in the GUI thread: segment_anything pulls in torchvision's compiled ops, and importing
+# those for the first time from a worker thread crashes the interpreter.
+import segment_anything  # noqa: F401
+
+from ..devices import select_device
+from ..engine.cache import EmbeddingCache, default_cache_dir
+from ..engine.predictor import VolumePredictor
+from ..models.registry import LoadedModel, load_model
+from ..volume import Volume
+
+NO_ADAPTER = "none"
+
+
+class AdapterUnavailable(RuntimeError):
+    """LoRA adapters need the fine-tuning part of napari-sam-ft, which could not be imported."""
+
+
+@dataclass(frozen=True)
+class SessionChoices:
+    """What the user picked in the widget; a predictor is reused only for the same choices."""
+
+    image_layer_id: int
+    model_name: str
+    checkpoint: str  # "" = the model's embedded weights
+    device: str
+    window: str
+    adapter_dir: str = NO_ADAPTER
+
+    @property
+    def model_key(self) -> tuple[str, str, str]:
+        return self.model_name, self.checkpoint, self.device
+
+
+def adapter_functions():
+    """``(load_adapter, unload_adapter)``; import this in the GUI thread first (peft pulls in torch extensions)."""
+    try:
+        from ..finetune.adapters import load_adapter, unload_adapter
+    except ImportError as error:
+        raise AdapterUnavailable(f"LoRA adapters are not available in this installation ({error}); "
+                                 "segmenting with the base model") from error
+    return load_adapter, unload_adapter
+
+
+class SegmentSession:
+    """Loaded model + volume predictor for the current choices, with one embedding cache for all of them."""
+
+    def __init__(self, cache: EmbeddingCache | None = None):
+        # Disk tier under the user cache dir: reopening the same scan with the same model encodes nothing.
+        self.cache = cache if cache is not None else EmbeddingCache(disk_dir=default_cache_dir())
+        self._lock = threading.Lock()
+        self._model: LoadedModel | None = None
+        self._model_key: tuple[str, str, str] | None = None
+        self._applied_adapter = NO_ADAPTER
+        self._predictor: VolumePredictor | None = None
+        self._built: SessionChoices | None = None
+
+    def ready_predictor(self, choices: SessionChoices) -> VolumePredictor | None:
+        """The predictor for ``choices`` if it is already built, else None (never blocks)."""
+        return self._predictor if self._built == choices else None
+
+    @property
+    def model(self) -> LoadedModel | None:
+        return self._model
+
+    def build(self, choices: SessionChoices, volume: Volume) -> VolumePredictor:
+        """Load the model (if its name, checkpoint or device changed), apply the adapter, make the predictor.
+
+        Slow (seconds): call it from a worker. Raises ``CheckpointError``, ``RuntimeError`` (device) or
+        ``AdapterUnavailable`` with a message for the user.
+        """
+        with self._lock:
+            if self._built == choices and self._predictor is not None:
+                return self._predictor
+            if self._model is None or self._model_key != choices.model_key:
+                self._model, self._predictor, self._built = None, None, None
+                device = select_device(choices.device)
+                self._model = load_model(choices.model_name, choices.checkpoint or None, device)
+                self._model_key = choices.model_key
+                self._applied_adapter = NO_ADAPTER
+            if self._applied_adapter != choices.adapter_dir:
+                self._apply_adapter(choices.adapter_dir)
+            predictor = self._predictor
+            built = self._built
+            if (predictor is None or built is None or built.image_layer_id != choices.image_layer_id
+                    or built.window != choices.window or predictor.volume is not volume):
+                predictor = VolumePredictor(self._model, volume, window=choices.window, cache=self.cache)
+            self._predictor, self._built = predictor, choices
+            return predictor
+
+    def _apply_adapter(self, adapter_dir: str) -> None:
+        load_adapter, unload_adapter = adapter_functions()
+        if self._applied_adapter != NO_ADAPTER:
+            unload_adapter(self._model)
+            self._applied_adapter = NO_ADAPTER
+        if adapter_dir != NO_ADAPTER:
+            load_adapter(self._model, adapter_dir)
+            self._applied_adapter = adapter_dir

@@ -1,0 +1,188 @@
+"""Prompts: the documented JSON prompt file, napari-layer conversions, and prompts simulated from labels.
+
+A prompt file is a JSON list; each item is one object on one slice::
+
+    [{"slice": 14, "label": 1, "box": [x_min, y_min, x_max, y_max]},
+     {"slice": 14, "label": 5, "points": [[x, y], [x, y]], "point_labels": [1, 0]}]
+
+x is the column and y the row of the (Z, Y, X) volume, in pixels; ``slice`` indexes Z (the slicing axis);
+``label`` is the label id written for that object (default 1); ``point_labels`` are 1 for a positive and
+0 for a negative click (default: all positive). An item may hold a box, points, or both.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+
+class PromptError(ValueError):
+    """A prompt that cannot be used; the message names the item, the value and the allowed range."""
+
+
+@dataclass
+class SlicePrompt:
+    """One object's prompt on one slice, in SAM coordinates (x = column, y = row)."""
+
+    slice_index: int
+    label: int = 1
+    box: np.ndarray | None = None  # (4,) x_min, y_min, x_max, y_max
+    points: np.ndarray | None = None  # (N, 2) x, y
+    point_labels: np.ndarray | None = field(default=None)  # (N,) 1 positive, 0 negative
+
+    def to_json(self) -> dict:
+        item: dict = {"slice": int(self.slice_index), "label": int(self.label)}
+        if self.box is not None:
+            item["box"] = [float(value) for value in self.box]
+        if self.points is not None:
+            item["points"] = [[float(x), float(y)] for x, y in self.points]
+            item["point_labels"] = [int(value) for value in self.point_labels]
+        return item
+
+
+def _number(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise PromptError(f"{what} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _in_range(value: float, low: float, high: float, what: str) -> float:
+    if not low <= value <= high:
+        raise PromptError(f"{what} = {value:g} is out of range {low:g}..{high:g}")
+    return value
+
+
+def parse_prompt_item(item, index: int, volume_shape: tuple[int, int, int]) -> SlicePrompt:
+    """Validate one JSON item against a (Z, Y, X) volume shape and turn it into a ``SlicePrompt``."""
+    num_slices, height, width = volume_shape
+    where = f"prompt {index}"
+    if not isinstance(item, dict):
+        raise PromptError(f"{where}: must be an object with 'slice' and a 'box' and/or 'points', got {type(item).__name__}")
+    unknown = set(item) - {"slice", "label", "box", "points", "point_labels"}
+    if unknown:
+        raise PromptError(f"{where}: unknown key(s) {', '.join(sorted(map(str, unknown)))}")
+    if "slice" not in item:
+        raise PromptError(f"{where}: needs a 'slice' index (0..{num_slices - 1})")
+    slice_value = item["slice"]
+    if isinstance(slice_value, bool) or not isinstance(slice_value, int):
+        raise PromptError(f"{where}: 'slice' must be an integer, got {slice_value!r}")
+    _in_range(slice_value, 0, num_slices - 1, f"{where}: slice")
+    label = item.get("label", 1)
+    if isinstance(label, bool) or not isinstance(label, int) or not 1 <= label < 2**31:
+        raise PromptError(f"{where}: 'label' must be a positive integer, got {label!r}")
+    box = None
+    if "box" in item:
+        raw = item["box"]
+        if not isinstance(raw, list) or len(raw) != 4:
+            raise PromptError(f"{where}: 'box' must be [x_min, y_min, x_max, y_max], got {raw!r}")
+        x0, y0, x1, y1 = (_number(value, f"{where}: box value") for value in raw)
+        _in_range(x0, 0, width - 1, f"{where}: box x_min")
+        _in_range(x1, 0, width - 1, f"{where}: box x_max")
+        _in_range(y0, 0, height - 1, f"{where}: box y_min")
+        _in_range(y1, 0, height - 1, f"{where}: box y_max")
+        if x1 < x0 or y1 < y0:
+            raise PromptError(f"{where}: box {raw} has x_max < x_min or y_max < y_min")
+        box = np.array([x0, y0, x1, y1], np.float32)
+    points = point_labels = None
+    if "points" in item:
+        raw = item["points"]
+        if not isinstance(raw, list) or not raw or not all(isinstance(p, list) and len(p) == 2 for p in raw):
+            raise PromptError(f"{where}: 'points' must be a non-empty list of [x, y] pairs, got {raw!r}")
+        if len(raw) > 1000:
+            raise PromptError(f"{where}: {len(raw)} points is more than the 1000 allowed per object")
+        points = np.array([[_number(x, f"{where}: point x"), _number(y, f"{where}: point y")] for x, y in raw], np.float32)
+        for x, y in points:
+            _in_range(float(x), 0, width - 1, f"{where}: point x")
+            _in_range(float(y), 0, height - 1, f"{where}: point y")
+        raw_labels = item.get("point_labels", [1] * len(raw))
+        if not isinstance(raw_labels, list) or len(raw_labels) != len(raw) or any(
+                value not in (0, 1) or isinstance(value, bool) for value in raw_labels):
+            raise PromptError(f"{where}: 'point_labels' must list 0 or 1 for each of the {len(raw)} points")
+        point_labels = np.array(raw_labels, np.int64)
+    elif "point_labels" in item:
+        raise PromptError(f"{where}: 'point_labels' given without 'points'")
+    if box is None and points is None:
+        raise PromptError(f"{where}: needs a 'box' or 'points'")
+    return SlicePrompt(int(slice_value), int(label), box, points, point_labels)
+
+
+def parse_prompts(data, volume_shape: tuple[int, int, int]) -> list[SlicePrompt]:
+    """Validate a decoded JSON prompt document (a list of items, or {"prompts": [...]})."""
+    if isinstance(data, dict) and "prompts" in data:
+        data = data["prompts"]
+    if not isinstance(data, list):
+        raise PromptError(f"a prompt file must hold a JSON list of prompts, got {type(data).__name__}")
+    if not data:
+        raise PromptError("the prompt file holds no prompts")
+    return [parse_prompt_item(item, index, volume_shape) for index, item in enumerate(data)]
+
+
+def load_prompts(path: str | Path, volume_shape: tuple[int, int, int]) -> list[SlicePrompt]:
+    """Read and validate a JSON prompt file for a volume of (Z, Y, X) ``volume_shape``."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise PromptError(f"{path}: cannot read prompt file ({error})") from error
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as error:
+        raise PromptError(f"{path}: is not valid JSON ({error})") from error
+    try:
+        return parse_prompts(data, volume_shape)
+    except PromptError as error:
+        raise PromptError(f"{path}: {error}") from None
+
+
+def save_prompts(path: str | Path, prompts: list[SlicePrompt]) -> None:
+    from ..volume import atomic_write
+
+    payload = json.dumps([prompt.to_json() for prompt in prompts], indent=1)
+    atomic_write(Path(path), lambda temporary: temporary.write_text(payload, encoding="utf-8"))
+
+
+# --- prompts simulated from reference masks (evaluation, fine-tuning) ----------------------------------
+
+def box_from_mask(mask: np.ndarray, margin: float = 0.0) -> np.ndarray | None:
+    """Tight (x_min, y_min, x_max, y_max) box of a 2D mask, grown by ``margin`` pixels, clipped to the slice."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    height, width = mask.shape
+    return np.array([max(cols[0] - margin, 0), max(rows[0] - margin, 0),
+                     min(cols[-1] + margin, width - 1), min(rows[-1] + margin, height - 1)], np.float32)
+
+
+def interior_point(mask: np.ndarray) -> np.ndarray | None:
+    """The (x, y) pixel deepest inside a 2D mask (largest distance to its border)."""
+    if not mask.any():
+        return None
+    distance = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+    row, col = np.unravel_index(int(np.argmax(distance)), distance.shape)
+    return np.array([col, row], np.float32)
+
+
+def points_zyx_to_prompts(points_zyx: np.ndarray, positive: np.ndarray, label: int = 1) -> list[SlicePrompt]:
+    """napari Points data (N, 3) as (z, y, x) plus a positive flag per point -> one prompt per slice."""
+    points_zyx = np.asarray(points_zyx, dtype=np.float32).reshape(-1, 3)
+    positive = np.asarray(positive, dtype=bool).reshape(-1)
+    prompts = []
+    for slice_index in np.unique(np.rint(points_zyx[:, 0]).astype(int)):
+        on_slice = np.rint(points_zyx[:, 0]).astype(int) == slice_index
+        prompts.append(SlicePrompt(int(slice_index), label, None, points_zyx[on_slice][:, [2, 1]],
+                                   positive[on_slice].astype(np.int64)))
+    return prompts
+
+
+def rectangle_zyx_to_box(corners_zyx: np.ndarray) -> tuple[int, np.ndarray]:
+    """A napari Shapes rectangle (4, 3) as (z, y, x) corners -> (slice index, xyxy box)."""
+    corners = np.asarray(corners_zyx, dtype=np.float32).reshape(-1, 3)
+    slice_index = int(np.rint(corners[:, 0].mean()))
+    ys, xs = corners[:, 1], corners[:, 2]
+    return slice_index, np.array([xs.min(), ys.min(), xs.max(), ys.max()], np.float32)

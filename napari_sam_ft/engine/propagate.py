@@ -1,0 +1,112 @@
+"""Grow a 2D mask through the volume, slice by slice, prompting each slice from its neighbour's mask."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from .predictor import Cancelled, CancelCheck, ProgressCallback, VolumePredictor
+from .prompts import box_from_mask
+
+DEFAULT_STOP_IOU = 0.7
+DEFAULT_MIN_AREA_RATIO = 0.2
+
+
+def _box_margin(mask: np.ndarray) -> float:
+    """Room for the object to grow between slices: 2 px plus 5 % of the box size."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    return 2.0 + 0.05 * max(rows[-1] - rows[0], cols[-1] - cols[0])
+
+
+def _keep_connected_to(mask: np.ndarray, previous: np.ndarray) -> np.ndarray:
+    """Drop components that do not touch the (dilated) previous mask: they are other organs, not this one."""
+    components, count = ndimage.label(mask)
+    if count <= 1:
+        return mask
+    near = ndimage.binary_dilation(previous, iterations=2)
+    touching = np.unique(components[near & mask])
+    touching = touching[touching > 0]
+    if touching.size == 0:
+        return mask
+    return np.isin(components, touching)
+
+
+def propagate_mask(predictor: VolumePredictor, key_masks: dict[int, np.ndarray], *,
+                   stop_iou: float = DEFAULT_STOP_IOU, min_area_ratio: float = DEFAULT_MIN_AREA_RATIO,
+                   use_mask_prompt: bool = False, slice_range: tuple[int, int] | None = None,
+                   progress: ProgressCallback | None = None, should_cancel: CancelCheck | None = None) -> np.ndarray:
+    """One object through the volume, from masks on one or more key slices -> (Z, H, W) bool.
+
+    Between two key slices each slice is prompted with the box interpolated between the keys' boxes.
+    Beyond the outermost keys each slice is prompted with the box of its neighbour's mask (and that
+    mask's logits with ``use_mask_prompt``); growth stops when the predicted IoU falls below
+    ``stop_iou``, the mask vanishes, or its area falls below ``min_area_ratio`` of the neighbour's.
+    """
+    num_slices = predictor.volume.num_slices
+    low, high = slice_range if slice_range is not None else (0, num_slices - 1)
+    keys = sorted(int(index) for index, mask in key_masks.items() if np.asarray(mask).any())
+    if not keys:
+        raise ValueError("propagation needs a mask on at least one slice; the key masks are all empty")
+    for index in keys:
+        predictor._check_slice(index)
+    result = np.zeros((num_slices, *predictor.slice_shape), dtype=bool)
+    for index in keys:
+        result[index] = np.asarray(key_masks[index], dtype=bool)
+
+    between = [(first, second) for first, second in zip(keys, keys[1:]) if second - first > 1]
+    total = sum(second - first - 1 for first, second in between) + max(keys[0] - low, 0) + max(high - keys[-1], 0)
+    done = 0
+
+    def step() -> None:
+        nonlocal done
+        if should_cancel is not None and should_cancel():
+            raise Cancelled("propagation cancelled")
+        done += 1
+        if progress:
+            progress(done, total)
+
+    for first, second in between:
+        first_box, second_box = box_from_mask(result[first]), box_from_mask(result[second])
+        for index in range(first + 1, second):
+            fraction = (index - first) / (second - first)
+            box = (1 - fraction) * first_box + fraction * second_box
+            result[index] = predictor.predict(box=box, slice_index=index).mask
+            step()
+
+    for start, stop, direction in ((keys[0], low - 1, -1), (keys[-1], high + 1, 1)):
+        previous = result[start]
+        previous_logits = None
+        for index in range(start + direction, stop, direction):
+            box = box_from_mask(previous, margin=_box_margin(previous))
+            prediction = predictor.predict(box=box, slice_index=index,
+                                           mask_input=previous_logits if use_mask_prompt else None)
+            mask = _keep_connected_to(prediction.mask, previous)
+            step()
+            if prediction.score < stop_iou or mask.sum() < min_area_ratio * previous.sum() or not mask.any():
+                break
+            result[index] = mask
+            previous, previous_logits = mask, prediction.low_res_logits
+    if progress:
+        progress(total, total)
+    return result
+
+
+def propagate_labels(predictor: VolumePredictor, labels_zyx: np.ndarray, label_ids=None, **settings) -> np.ndarray:
+    """Propagate every label id from the slices where it is drawn -> a (Z, H, W) label array.
+
+    Voxels drawn by the user (the key slices) win; where two propagated objects overlap, the lower id
+    keeps the voxel, so the result is reproducible.
+    """
+    labels_zyx = np.asarray(labels_zyx)
+    if label_ids is None:
+        label_ids = [int(value) for value in np.unique(labels_zyx) if value != 0]
+    result = np.zeros(labels_zyx.shape, dtype=np.int32)
+    for label_id in sorted(label_ids, reverse=True):
+        object_mask = labels_zyx == label_id
+        key_slices = np.flatnonzero(object_mask.any(axis=(1, 2)))
+        grown = propagate_mask(predictor, {int(index): object_mask[index] for index in key_slices}, **settings)
+        result[grown] = label_id
+    drawn = labels_zyx != 0
+    result[drawn] = labels_zyx[drawn]
+    return result
