@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .volume import Volume, VolumeError, choose_window
+from .volume import Volume, VolumeError, choose_window, file_format_of, slicing_axes
 
 GEOMETRY_KEY = "napari_sam_ft_geometry"
 # Labels hold small non-negative integer ids; an integer image with more distinct values is a scan.
@@ -31,10 +31,13 @@ def geometry_metadata(volume: Volume) -> dict:
     }
 
 
-def volume_from_layer(data, metadata: dict | None, scale=None, translate=None) -> Volume:
+def volume_from_layer(data, metadata: dict | None, scale=None, translate=None, file_path=None) -> Volume:
     """A ``Volume`` for layer data: with the stored geometry, or else one built from scale and translate.
 
-    Raises ``VolumeError`` for anything that is not a single-channel 3D array.
+    The stored geometry (the source file's voxel order and affine) is used when ``file_path`` is None or
+    of the source's format. Otherwise the voxel order is the one ``read_volume`` gives a file like
+    ``file_path``, so a written file reads back as the same (Z, Y, X) array. Raises ``VolumeError`` for
+    anything that is not a single-channel 3D array.
     """
     array = data[0] if isinstance(data, (list, tuple)) else data  # multiscale: full resolution level
     ndim = getattr(array, "ndim", None)
@@ -44,17 +47,25 @@ def volume_from_layer(data, metadata: dict | None, scale=None, translate=None) -
                           "napari-sam-ft segments single-channel 3D volumes (Z, Y, X)")
     array = np.asarray(array)
     geometry = (metadata or {}).get(GEOMETRY_KEY)
-    if geometry is not None and tuple(geometry["shape"]) == tuple(array.shape):
+    same_format = file_path is None or geometry is None or geometry["file_format"] == file_format_of(file_path)
+    if geometry is not None and tuple(geometry["shape"]) == tuple(array.shape) and same_format:
         source = geometry["source_path"]
         return Volume(array, tuple(geometry["spacing"]), np.asarray(geometry["affine"], dtype=float),
                       tuple(geometry["file_axes"]), Path(source) if source else None, geometry["file_format"],
                       geometry["header"])
     scale = np.ones(3) if scale is None else np.asarray(scale, dtype=float)[-3:]
     translate = np.zeros(3) if translate is None else np.asarray(translate, dtype=float)[-3:]
-    affine = np.eye(4)
-    affine[:3, :3] = np.diag(scale)
-    affine[:3, 3] = translate
-    return Volume(array, tuple(float(value) for value in scale), affine, (0, 1, 2))
+    file_axes = (0, 1, 2) if file_path is None else default_file_axes(file_path)
+    affine = np.eye(4)  # in file voxel order: layer axis i is file axis file_axes[i]
+    for layer_axis, file_axis in enumerate(file_axes):
+        affine[file_axis, file_axis] = scale[layer_axis]
+        affine[file_axis, 3] = translate[layer_axis]
+    return Volume(array, tuple(float(value) for value in scale), affine, file_axes)
+
+
+def default_file_axes(path) -> tuple[int, int, int]:
+    """The file voxel axes ``read_volume`` takes as (Z, Y, X) for a file like ``path`` (its default slicing)."""
+    return slicing_axes(2 if file_format_of(path) == "nifti" else 0)
 
 
 def looks_like_labels(volume: Volume) -> bool:

@@ -9,6 +9,7 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, Q
                             QLineEdit, QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget)
 
 from ..devices import DEVICE_CHOICES
+from ..engine.automatic import AutomaticSettings
 from ..engine.propagate import DEFAULT_STOP_IOU
 from ..models.registry import DEFAULT_MODEL, MODELS
 from ..volume import WINDOW_CHOICES
@@ -45,6 +46,7 @@ class SegmentControls:
     clear_button: QPushButton
     stop_iou_spin: QDoubleSpinBox
     range_spin: QSpinBox
+    grid_spin: QSpinBox
     auto_slice_button: QPushButton
     auto_volume_button: QPushButton
     progress_bar: QProgressBar
@@ -90,7 +92,7 @@ def build_controls(widget: QWidget, viewer) -> SegmentControls:
         segment_button=QPushButton("Segment [s]"), commit_button=QPushButton("Commit [c]"),
         propagate_button=QPushButton("Propagate [Shift-S]"), clear_button=QPushButton("Clear [Shift-C]"),
         stop_iou_spin=QDoubleSpinBox(), range_spin=QSpinBox(),
-        auto_slice_button=QPushButton("Auto-segment slice"), auto_volume_button=QPushButton("Auto-segment volume"),
+        grid_spin=QSpinBox(), auto_slice_button=QPushButton("Auto-segment slice"), auto_volume_button=QPushButton("Auto-segment volume"),
         progress_bar=QProgressBar(), cancel_button=QPushButton("Cancel"), task_label=QLabel(""),
         status_label=QLabel("model not loaded"))
     controls.checkpoint_button.setToolTip("Choose a checkpoint file")
@@ -106,6 +108,10 @@ def build_controls(widget: QWidget, viewer) -> SegmentControls:
     controls.range_spin.setRange(0, 10000)
     controls.range_spin.setSpecialValueText("whole volume")
     controls.range_spin.setToolTip("Propagate at most this many slices beyond the key slices (0: whole volume)")
+    controls.grid_spin.setRange(2, 64)
+    controls.grid_spin.setValue(AutomaticSettings().points_per_side)
+    controls.grid_spin.setToolTip("Point prompts per side of the grid on each slice (base model only): "
+                                  "fewer is faster, more finds smaller objects")
     controls.progress_bar.setRange(0, 1)
     controls.progress_bar.setValue(0)
     controls.cancel_button.setEnabled(False)
@@ -136,8 +142,9 @@ def build_controls(widget: QWidget, viewer) -> SegmentControls:
     form.addRow(keys)
 
     auto_group = QGroupBox("Automatic (new labels layer)")
-    auto_layout = QVBoxLayout(auto_group)
-    auto_layout.addWidget(_row(controls.auto_slice_button, controls.auto_volume_button))
+    auto_layout = QFormLayout(auto_group)
+    auto_layout.addRow("grid points / side", controls.grid_spin)
+    auto_layout.addRow(_row(controls.auto_slice_button, controls.auto_volume_button))
 
     progress_group = QGroupBox("Progress")
     progress_layout = QVBoxLayout(progress_group)

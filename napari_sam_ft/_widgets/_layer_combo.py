@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from qtpy.QtWidgets import QComboBox
 
+from ._events import Hookups
+
 
 class LayerComboBox(QComboBox):
     """Choose a layer of ``layer_type``; optional leading entries (e.g. "new layer") are not layers."""
@@ -15,15 +17,16 @@ class LayerComboBox(QComboBox):
         self._layer_type = layer_type
         self._extra_items = extra_items
         self._exclude_names = exclude_names
+        self._hookups = Hookups(self)
         for event in (viewer.layers.events.inserted, viewer.layers.events.removed, viewer.layers.events.moved):
-            event.connect(self.refresh)
-        viewer.layers.events.inserted.connect(self._watch_name)
+            self._hookups.connect(event, self.refresh)
+        self._hookups.connect(viewer.layers.events.inserted, self._watch_name)
         for layer in viewer.layers:
-            layer.events.name.connect(self.refresh)
+            self._hookups.connect(layer.events.name, self.refresh)
         self.refresh()
 
     def _watch_name(self, event) -> None:
-        event.value.events.name.connect(self.refresh)
+        self._hookups.connect(event.value.events.name, self.refresh)
 
     def layers(self) -> list:
         return [layer for layer in self._viewer.layers

@@ -6,6 +6,7 @@ indices (z, y, x). Commits go through napari's Labels edit history, so Ctrl-Z un
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,7 +14,8 @@ import pandas as pd
 from napari.layers import Image, Labels, Points, Shapes
 from napari.utils.colormaps import DirectLabelColormap
 
-from .._layer_data import GEOMETRY_KEY
+from .._layer_data import GEOMETRY_KEY, volume_from_layer
+from ..volume import Volume
 from ..engine.prompts import points_zyx_to_prompts, rectangle_zyx_to_box
 
 POINTS_NAME = "SAM points"
@@ -101,6 +103,40 @@ def prompted_slices(points: Points | None, boxes: Shapes | None) -> list[int]:
         slices.update(int(np.rint(np.asarray(corners)[:, 0].mean())) for corners in boxes.data
                       if np.asarray(corners).shape[-1] == 3)
     return sorted(slices)
+
+
+class LayerVolume:
+    """An image layer as a ``Volume``, made once and kept while the layer and its data stay the same."""
+
+    def __init__(self):
+        self._source: tuple | None = None  # (weak reference to the layer, the layer's data object)
+        self._volume: Volume | None = None
+
+    def cached(self, image: Image | None) -> Volume | None:
+        if image is None or self._source is None:
+            return None
+        layer_ref, data = self._source
+        return self._volume if layer_ref() is image and data is image.data else None
+
+    def get(self, image: Image) -> Volume:
+        """Raises ``VolumeError`` for a layer that is not a single-channel 3D volume."""
+        volume = self.cached(image)
+        if volume is None:
+            volume = volume_from_layer(image.data, image.metadata, image.scale, image.translate)
+            self._source, self._volume = (weakref.ref(image), image.data), volume
+        return volume
+
+
+def key_masks_for_propagation(preview: np.ndarray, points: Points, boxes: Shapes, current_slice: int,
+                              committed_slice: np.ndarray | None) -> dict[int, np.ndarray]:
+    """Preview masks on prompted slices; else the preview, or else the committed label, on the current slice."""
+    preview = np.asarray(preview) > 0
+    keys = {z: preview[z].copy() for z in prompted_slices(points, boxes) if preview[z].any()}
+    if not keys and preview[current_slice].any():
+        keys = {current_slice: preview[current_slice].copy()}
+    if not keys and committed_slice is not None and committed_slice.any():
+        keys = {current_slice: np.asarray(committed_slice, dtype=bool)}
+    return keys
 
 
 def current_slice_index(viewer, image: Image) -> int:

@@ -23,7 +23,11 @@ from ..volume import Volume
 NO_ADAPTER = "none"
 
 
-class AdapterUnavailable(RuntimeError):
+class AdapterError(RuntimeError):
+    """An adapter that cannot be used; the widget falls back to the base model."""
+
+
+class AdapterUnavailable(AdapterError):
     """LoRA adapters need the fine-tuning part of napari-sam-ft, which could not be imported."""
 
 
@@ -31,7 +35,6 @@ class AdapterUnavailable(RuntimeError):
 class SessionChoices:
     """What the user picked in the widget; a predictor is reused only for the same choices."""
 
-    image_layer_id: int
     model_name: str
     checkpoint: str  # "" = the model's embedded weights
     device: str
@@ -66,9 +69,12 @@ class SegmentSession:
         self._predictor: VolumePredictor | None = None
         self._built: SessionChoices | None = None
 
-    def ready_predictor(self, choices: SessionChoices) -> VolumePredictor | None:
-        """The predictor for ``choices`` if it is already built, else None (never blocks)."""
-        return self._predictor if self._built == choices else None
+    def ready_predictor(self, choices: SessionChoices, volume: Volume) -> VolumePredictor | None:
+        """The predictor for ``choices`` and ``volume`` if it is already built, else None (never blocks)."""
+        predictor = self._predictor
+        if self._built == choices and predictor is not None and predictor.volume is volume:
+            return predictor
+        return None
 
     @property
     def model(self) -> LoadedModel | None:
@@ -81,7 +87,7 @@ class SegmentSession:
         ``AdapterUnavailable`` with a message for the user.
         """
         with self._lock:
-            if self._built == choices and self._predictor is not None:
+            if self._built == choices and self._predictor is not None and self._predictor.volume is volume:
                 return self._predictor
             if self._model is None or self._model_key != choices.model_key:
                 self._model, self._predictor, self._built = None, None, None
@@ -93,8 +99,8 @@ class SegmentSession:
                 self._apply_adapter(choices.adapter_dir)
             predictor = self._predictor
             built = self._built
-            if (predictor is None or built is None or built.image_layer_id != choices.image_layer_id
-                    or built.window != choices.window or predictor.volume is not volume):
+            if (predictor is None or built is None or built.window != choices.window or predictor.volume is not volume
+                    or predictor.model is not self._model):
                 predictor = VolumePredictor(self._model, volume, window=choices.window, cache=self.cache)
             self._predictor, self._built = predictor, choices
             return predictor
@@ -105,5 +111,9 @@ class SegmentSession:
             unload_adapter(self._model)
             self._applied_adapter = NO_ADAPTER
         if adapter_dir != NO_ADAPTER:
-            load_adapter(self._model, adapter_dir)
+            try:
+                load_adapter(self._model, adapter_dir)
+            except Exception as error:
+                raise AdapterError(f"cannot use the adapter in {adapter_dir} ({error}); "
+                                   "segmenting with the base model") from error
             self._applied_adapter = adapter_dir

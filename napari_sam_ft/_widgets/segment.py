@@ -1,54 +1,60 @@
 """Interactive SAM segmentation of a 3D image layer: clicks and boxes -> preview -> commit, propagate, auto.
 
-Each prompt edit decodes the current slice from its cached embedding (tens of ms) into the preview layer;
-slices are encoded in background workers. Commits go through napari's Labels undo history.
+Each prompt edit decodes the current slice from its cached embedding into the preview layer; slices
+are encoded in background workers. Commits go through napari's Labels undo history.
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QFileDialog, QWidget
 
-from .._layer_data import volume_from_layer
 from ..engine.predictor import VolumePredictor
-from ..engine.propagate import propagate_mask
 from ..volume import Volume
 from ._controls import NEW_LABELS_LAYER, build_controls
-from ._layers import (NEGATIVE, POSITIVE, PREVIEW_VALUE, commit_mask, current_slice_index, make_boxes_layer,
-                      make_points_layer, make_preview_layer, new_labels_layer, prompted_slices, slice_prompts)
-from ._session import NO_ADAPTER, AdapterUnavailable, SegmentSession, SessionChoices, adapter_functions
-from ._workers import BackgroundTask, TaskOutcome, describe_error
+from ._events import Hookups
+from ._layers import (NEGATIVE, POSITIVE, PREVIEW_VALUE, LayerVolume, commit_mask, current_slice_index,
+                      key_masks_for_propagation, make_boxes_layer, make_points_layer, make_preview_layer,
+                      new_labels_layer, slice_prompts)
+from ._session import NO_ADAPTER, AdapterError, SegmentSession, SessionChoices, adapter_functions
+from ._tasks import TaskRunner, automatic_segmentation, propagation, report_error
+from ._workers import BackgroundTask, TaskOutcome
 
-FINISHED_ACTIONS = ("added", "changed", "removed")
+FINISHED_ACTIONS = ("added", "changed", "removed")  # napari also emits "adding", "changing", "removing"
 
 
 class SegmentWidget(QWidget):
-    """The dock widget: pick image/model/window/adapter, click to segment, commit, propagate, auto-segment."""
+    """Dock widget: choose image, model, window and adapter; click or box to segment; commit; propagate; auto.
 
-    def __init__(self, napari_viewer, parent=None):
+    ``session`` lets several widgets share one loaded model and embedding cache (each widget makes its own
+    by default).
+    """
+
+    def __init__(self, napari_viewer, session: SegmentSession | None = None, parent=None):
         super().__init__(parent)
         self._viewer = napari_viewer
-        self._session = SegmentSession()
+        self._session = session if session is not None else SegmentSession()
         self.controls = build_controls(self, napari_viewer)
-        self._volume: Volume | None = None
-        self._volume_source: tuple[int, int] | None = None  # (id(layer), id(layer.data)) the volume came from
+        self.tasks = TaskRunner(self.controls, self._session, on_update=self._update_status)
+        self._layer_volume = LayerVolume()
         self._points = self._boxes = self._preview = None
-        self._task: BackgroundTask | None = None  # encode volume, propagate, auto-segment, adapter
-        self._slice_task: BackgroundTask | None = None  # encode the clicked slice, then segment it
+        self._slice_task: BackgroundTask | None = None  # encodes a clicked slice, then segments it
         self._pending_slice: int | None = None
         self._muted = False  # True while the widget itself edits the prompt layers
         self.last_click_to_preview_ms = float("nan")
         self._key_actions = {"s": self.segment_current_slice, "c": self.commit, "Shift-S": self.propagate,
                              "Shift-C": self.clear_prompts}
+        self._hookups = Hookups(self)
+        self._hookups.on_release(self._cancel_background_work)
         self._bind_keys(self._viewer)
         self._connect_controls()
         self._image_changed()
 
-    # -- wiring ------------------------------------------------------------------------------------
     def _connect_controls(self) -> None:
         c = self.controls
         c.image_combo.currentIndexChanged.connect(self._image_changed)
@@ -63,11 +69,11 @@ class SegmentWidget(QWidget):
         c.clear_button.clicked.connect(self.clear_prompts)
         c.auto_slice_button.clicked.connect(lambda: self.auto_segment(whole_volume=False))
         c.auto_volume_button.clicked.connect(lambda: self.auto_segment(whole_volume=True))
-        c.cancel_button.clicked.connect(self.cancel)
+        c.cancel_button.clicked.connect(self.tasks.cancel)
 
     def _bind_keys(self, provider) -> None:
         for key, action in self._key_actions.items():
-            provider.bind_key(key, lambda _provider, action=action: action(), overwrite=True)
+            self._hookups.bind_key(provider, key, lambda _provider, action=action: action())
 
     def _choose_checkpoint(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "SAM checkpoint", "", "Checkpoints (*.pth *.pt *.safetensors)")
@@ -79,23 +85,24 @@ class SegmentWidget(QWidget):
         if path:
             self.set_adapter(path)
 
-    # -- public state ------------------------------------------------------------------------------
+    # -- state -------------------------------------------------------------------------------------
     @property
     def image_layer(self):
         return self.controls.image_combo.current_layer()
 
     @property
     def predictor(self) -> VolumePredictor | None:
-        """The predictor for the current choices, if it has been built."""
-        choices = self._choices()
-        return None if choices is None else self._session.ready_predictor(choices)
+        """The predictor for the current choices, if it is built already."""
+        choices, volume = self._choices(), self._layer_volume.cached(self.image_layer)
+        return None if choices is None or volume is None else self._session.ready_predictor(choices, volume)
 
     @property
     def idle(self) -> bool:
-        return self._task is None and self._slice_task is None
+        """No background work running (tests and scripts wait for this)."""
+        return not self.tasks.busy and self._slice_task is None
 
     def set_adapter(self, adapter_dir: str | None) -> None:
-        """Use the LoRA adapter in ``adapter_dir`` (None or "none": the base model); the fine-tune panel calls this."""
+        """Use the LoRA adapter saved in ``adapter_dir`` (None or "none": the base model); for the fine-tune panel."""
         combo = self.controls.adapter_combo
         text = NO_ADAPTER if adapter_dir in (None, "", NO_ADAPTER) else str(adapter_dir)
         if combo.findText(text) < 0:
@@ -103,47 +110,45 @@ class SegmentWidget(QWidget):
         combo.setCurrentText(text)
 
     def _adapter_changed(self, adapter_dir: str) -> None:
-        if adapter_dir == NO_ADAPTER and self._session.model is None:
-            return
-        try:
-            adapter_functions()  # fails fast, here, when fine-tuning support is missing
-        except AdapterUnavailable as error:
-            self._report_error("loading the adapter", error)
-            return
-        if self.image_layer is not None and self._session.model is not None:
-            self._run_task("apply adapter", lambda predictor, progress, should_cancel: None, lambda _value: None)
+        if adapter_dir != NO_ADAPTER:
+            try:
+                adapter_functions()  # fails here, at once, when fine-tuning support is missing
+                if not Path(adapter_dir).is_dir():
+                    raise AdapterError(f"{adapter_dir} is not a folder; choose the folder an adapter was saved in")
+            except AdapterError as error:
+                report_error(self.controls, "loading the adapter", error)
+                return
+        if self._session.model is not None and self.image_layer is not None:
+            self._run("apply adapter", lambda predictor, progress, should_cancel: None, lambda _value: None)
 
     def _choices(self) -> SessionChoices | None:
-        image = self.image_layer
-        if image is None:
+        if self.image_layer is None:
             return None
         c = self.controls
-        return SessionChoices(id(image), c.model_combo.currentText(), c.checkpoint_edit.text().strip(),
+        return SessionChoices(c.model_combo.currentText(), c.checkpoint_edit.text().strip(),
                               c.device_combo.currentText(), c.window_combo.currentText(), c.adapter_combo.currentText())
 
-    def _current_volume(self) -> Volume | None:
-        """The image layer as a Volume (reused while the layer and its data are the same), or None + a notice."""
+    def _current_volume(self, notify: bool = True) -> Volume | None:
+        """The image layer as a Volume, or None after saying why (a notification, or the task line)."""
         image = self.image_layer
-        if image is None:
-            show_error("napari-sam-ft: add or open a 3D image first")
+        try:
+            if image is None:
+                raise ValueError("add or open a 3D image first")
+            return self._layer_volume.get(image)
+        except ValueError as error:
+            message = f"napari-sam-ft cannot segment layer {image.name!r}: {error}" if image else f"napari-sam-ft: {error}"
+            if notify:
+                show_error(message)
+            else:
+                self.controls.task_label.setText(message)
             return None
-        source = (id(image), id(image.data))
-        if self._volume_source != source:
-            try:
-                self._volume = volume_from_layer(image.data, image.metadata, image.scale, image.translate)
-            except ValueError as error:
-                show_error(f"napari-sam-ft cannot segment layer {image.name!r}: {error}")
-                return None
-            self._volume_source = source
-        return self._volume
 
-    def prompt_layers(self):
+    def prompt_layers(self, notify: bool = True):
         """(points, boxes, preview) layers over the current image, created or re-created as needed."""
         image = self.image_layer
-        if image is None or self._current_volume() is None:
+        if image is None or self._current_volume(notify) is None:
             return None
-        layers = self._viewer.layers
-        ours = (self._preview, self._boxes, self._points)
+        layers, ours = self._viewer.layers, (self._preview, self._boxes, self._points)
         if not (all(layer is not None and layer in layers for layer in ours)
                 and self._preview.data.shape == image.data.shape and tuple(self._preview.scale) == tuple(image.scale)):
             for layer in ours:
@@ -152,24 +157,27 @@ class SegmentWidget(QWidget):
             self._preview = make_preview_layer(self._viewer, image)
             self._boxes = make_boxes_layer(self._viewer, image)
             self._points = make_points_layer(self._viewer, image)  # added last: the active layer for clicks
-            self._points.events.data.connect(self._on_points_changed)
-            self._boxes.events.data.connect(self._on_boxes_changed)
-            self._points.mouse_drag_callbacks.insert(0, self._pick_point_sign)
+            self._hookups.connect(self._points.events.data, self._on_points_changed)
+            self._hookups.connect(self._boxes.events.data, self._on_boxes_changed)
+            self._hookups.add_mouse_callback(self._points, self._pick_point_sign)  # before napari's "add point"
             for layer in (self._points, self._boxes, self._preview):
-                self._bind_keys(layer)
+                self._bind_keys(layer)  # the active layer's keys come first; ours must win over "s" = select
             self._reset_point_sign()
         return self._points, self._boxes, self._preview
 
     def _image_changed(self, *_args) -> None:
         # Deferred: the combo changes inside the layer list's own "inserted" event.
-        QTimer.singleShot(0, lambda: self.image_layer is not None and self.prompt_layers())
+        QTimer.singleShot(0, self._make_prompt_layers)
+
+    def _make_prompt_layers(self) -> None:
+        if self.image_layer is not None:
+            self.prompt_layers(notify=False)  # an unusable layer is explained on the task line until used
 
     # -- prompts -> preview ------------------------------------------------------------------------
     def _pick_point_sign(self, layer, event) -> None:
-        """Shift/Ctrl at the press makes the point added on release negative (or positive in negative mode)."""
+        """Shift/Ctrl held at the press makes the point added on release negative (positive in negative mode)."""
         flipped = bool({"Shift", "Control"} & {str(key) for key in event.modifiers})
-        negative = self.controls.negative_check.isChecked() != flipped
-        layer.feature_defaults["prompt"] = NEGATIVE if negative else POSITIVE
+        layer.feature_defaults["prompt"] = NEGATIVE if self.controls.negative_check.isChecked() != flipped else POSITIVE
 
     def _reset_point_sign(self) -> None:
         if self._points is not None:
@@ -179,7 +187,7 @@ class SegmentWidget(QWidget):
         if self._muted or str(event.action) not in FINISHED_ACTIONS:
             return
         started = time.perf_counter()
-        added = str(event.action) == "added" and len(self._points.data)
+        added = str(event.action) == "added" and len(self._points.data) > 0
         self._reset_point_sign()
         z = int(np.rint(self._points.data[-1][0])) if added else self._current_slice()
         self._segment_prompted_slice(z, started)
@@ -188,7 +196,7 @@ class SegmentWidget(QWidget):
         if self._muted or str(event.action) not in FINISHED_ACTIONS:
             return
         started = time.perf_counter()
-        added = str(event.action) == "added" and len(self._boxes.data)
+        added = str(event.action) == "added" and len(self._boxes.data) > 0
         z = int(np.rint(np.asarray(self._boxes.data[-1])[:, 0].mean())) if added else self._current_slice()
         self._segment_prompted_slice(z, started)
 
@@ -196,7 +204,7 @@ class SegmentWidget(QWidget):
         return current_slice_index(self._viewer, self.image_layer)
 
     def segment_current_slice(self) -> None:
-        """Predict the current slice from its prompts into the preview (key ``s``)."""
+        """Predict the current slice from its points and box into the preview (key ``s``)."""
         if self.prompt_layers() is not None:
             z = self._current_slice()
             if slice_prompts(self._points, self._boxes, z).empty:
@@ -213,12 +221,13 @@ class SegmentWidget(QWidget):
         if predictor is None or not predictor.is_encoded(z):
             self._encode_then_segment(z)
             return
-        single_point = prompts.box_xyxy is None and len(prompts.points_xy) == 1
+        # One point is ambiguous (part or whole?): let SAM pick the best of its three masks.
+        single_point = prompts.points_xy is not None and len(prompts.points_xy) == 1
         try:
             prediction = predictor.predict(point_coords=prompts.points_xy, point_labels=prompts.point_labels,
                                            box=prompts.box_xyxy, multimask_output=single_point, slice_index=z)
         except Exception as error:
-            show_error(f"napari-sam-ft: segmenting slice {z} failed: {describe_error(error)}")
+            report_error(self.controls, f"segmenting slice {z}", error)
             return
         self._show_preview_slice(z, prediction.mask)
         self.last_click_to_preview_ms = (time.perf_counter() - started) * 1000.0
@@ -228,14 +237,14 @@ class SegmentWidget(QWidget):
         """Encode slice ``z`` in a worker (loading the model first if needed), then segment it."""
         self._pending_slice = z
         if self._slice_task is not None:
-            return  # the running one segments the newest pending slice when it ends
+            return  # the running task segments the newest pending slice when it ends
         volume, choices = self._current_volume(), self._choices()
         if volume is None or choices is None:
             return
+        session = self._session
 
         def work(progress, should_cancel):
-            predictor = self._session.build(choices, volume)
-            predictor.encode_slices([z], progress=progress, should_cancel=should_cancel)
+            session.build(choices, volume).encode_slices([z], progress=progress, should_cancel=should_cancel)
 
         def done(outcome: TaskOutcome) -> None:
             self._slice_task = None
@@ -243,12 +252,13 @@ class SegmentWidget(QWidget):
             self.controls.task_label.setText(f"encoded slice {z} in {outcome.seconds:.1f} s" if outcome.succeeded
                                              else "")
             if outcome.error is not None:
-                self._report_error(f"encoding slice {z}", outcome.error)
-            elif outcome.succeeded and pending is not None:
+                report_error(self.controls, f"encoding slice {z}", outcome.error)
+            elif outcome.succeeded and pending is not None and self._points is not None:
                 self._segment_prompted_slice(pending, time.perf_counter())
             self._update_status()
 
-        self.controls.task_label.setText(f"encoding slice {z}…")
+        self.controls.task_label.setText(f"loading the model and encoding slice {z}…" if self.predictor is None
+                                         else f"encoding slice {z}…")
         self._slice_task = BackgroundTask(f"encode slice {z}", work, done).start()
 
     def _show_preview_slice(self, z: int, mask: np.ndarray | None) -> None:
@@ -258,39 +268,38 @@ class SegmentWidget(QWidget):
     # -- commit, clear -----------------------------------------------------------------------------
     def target_labels_layer(self, create: bool = True):
         """The labels layer commits go into; with "(new layer)" chosen, a new one is made and chosen."""
-        combo = self.controls.labels_combo
+        combo, image = self.controls.labels_combo, self.image_layer
         layer = combo.current_layer()
-        if layer is None and create and combo.currentText() == NEW_LABELS_LAYER and self.image_layer is not None:
-            layer = new_labels_layer(self._viewer, self.image_layer, f"{self.image_layer.name} labels")
+        if layer is None and create and combo.currentText() == NEW_LABELS_LAYER and image is not None:
+            layer = new_labels_layer(self._viewer, image, f"{image.name} labels")
             combo.select_layer(layer)
             self._select_points_layer()
         return layer
 
     def commit(self) -> None:
-        """Paint the preview into the labels layer under the chosen label id (key ``c``); Ctrl-Z undoes it."""
+        """Paint the preview into the labels layer as the chosen label id (key ``c``); Ctrl-Z undoes it."""
         if self.prompt_layers() is None:
             return
         mask = np.asarray(self._preview.data) > 0
         if not mask.any():
             show_info("napari-sam-ft: the preview is empty; nothing to commit")
             return
-        labels = self.target_labels_layer()
+        labels, label_id = self.target_labels_layer(), self.controls.label_spin.value()
         if labels is None:
             return
-        label_id = self.controls.label_spin.value()
         try:
             changed = commit_mask(labels, mask, label_id, self.controls.overwrite_check.isChecked())
         except ValueError as error:
             show_error(f"napari-sam-ft: {error}")
             return
         kept = int((mask & (np.asarray(labels.data) != label_id)).sum())
-        note = f"; {kept} voxels of other labels kept" if kept else ""
+        note = f"; {kept} voxels of other labels kept (tick 'overwrite other labels' to replace them)" if kept else ""
         self.controls.task_label.setText(f"committed {changed} voxels as label {label_id} into {labels.name!r}{note}")
         self.clear_prompts()
 
     def clear_prompts(self) -> None:
         """Remove every point and box and empty the preview (key ``Shift-C``)."""
-        if self._points is None:
+        if self._points is None or self._points not in self._viewer.layers:
             return
         self._muted = True
         try:
@@ -306,65 +315,13 @@ class SegmentWidget(QWidget):
             self._viewer.layers.selection.active = self._points
 
     # -- long tasks --------------------------------------------------------------------------------
-    def _run_task(self, name: str, compute, on_success) -> None:
-        """Run ``compute(predictor, progress, should_cancel)`` in a worker after building the predictor."""
-        if self._task is not None:
-            show_info(f"napari-sam-ft: wait for {self._task.name} to finish or cancel it")
-            return
+    def _run(self, name: str, compute, on_success) -> bool:
         volume, choices = self._current_volume(), self._choices()
-        if volume is None or choices is None:
-            return
-
-        def work(progress, should_cancel):
-            return compute(self._session.build(choices, volume), progress, should_cancel)
-
-        def done(outcome: TaskOutcome) -> None:
-            self._task = None
-            self._set_busy(False)
-            if outcome.error is not None:
-                self.controls.task_label.setText(f"{name} failed")
-                self._report_error(name, outcome.error)
-            elif outcome.cancelled:
-                self.controls.task_label.setText(f"{name} cancelled; nothing was changed")
-            else:
-                self.controls.task_label.setText(f"{name} done in {outcome.seconds:.1f} s")
-                try:
-                    on_success(outcome.value)
-                except Exception as error:
-                    show_error(f"napari-sam-ft: {name} failed: {describe_error(error)}")
-            self._update_status()
-
-        self._set_busy(True, f"{name}…")
-        self._task = BackgroundTask(name, work, done, on_progress=self._on_progress).start()
-
-    def _report_error(self, what: str, error: BaseException) -> None:
-        if isinstance(error, AdapterUnavailable):
-            self.controls.adapter_combo.setCurrentText(NO_ADAPTER)  # keep the widget usable with the base model
-        show_error(f"napari-sam-ft: {what} failed: {describe_error(error)}")
-
-    def _set_busy(self, busy: bool, text: str = "") -> None:
-        c = self.controls
-        for button in (c.encode_button, c.propagate_button, c.auto_slice_button, c.auto_volume_button):
-            button.setEnabled(not busy)
-        c.cancel_button.setEnabled(busy)
-        if busy:
-            c.task_label.setText(text)
-            c.progress_bar.setRange(0, 0)  # busy indicator until the first progress report
-
-    def _on_progress(self, done: int, total: int) -> None:
-        self.controls.progress_bar.setRange(0, max(total, 1))
-        self.controls.progress_bar.setValue(done if total else 1)
-        self._update_status()
-
-    def cancel(self) -> None:
-        """Stop the running encode / propagate / auto-segment task at its next check."""
-        if self._task is not None:
-            self._task.cancel()
-            self.controls.task_label.setText(f"cancelling {self._task.name}…")
+        return volume is not None and choices is not None and self.tasks.run(name, volume, choices, compute, on_success)
 
     def encode_volume(self) -> None:
         """Precompute every slice's embedding in the background (cached in memory and on disk)."""
-        self._run_task("encode volume", lambda predictor, progress, should_cancel: predictor.encode_volume(
+        self._run("encode volume", lambda predictor, progress, should_cancel: predictor.encode_volume(
             progress=progress, should_cancel=should_cancel), lambda _count: None)
 
     def propagate(self) -> None:
@@ -376,58 +333,34 @@ class SegmentWidget(QWidget):
             show_info("napari-sam-ft: segment or commit an object on this slice before propagating")
             return
         stop_iou, reach = self.controls.stop_iou_spin.value(), self.controls.range_spin.value()
-        num_slices = self._preview.data.shape[0]
-        slice_range = None if reach == 0 else (max(0, min(key_masks) - reach), min(num_slices - 1, max(key_masks) + reach))
-
-        def compute(predictor, progress, should_cancel):
-            return propagate_mask(predictor, key_masks, stop_iou=stop_iou, slice_range=slice_range,
-                                  progress=progress, should_cancel=should_cancel)
+        last = self._preview.data.shape[0] - 1
+        slice_range = None if reach == 0 else (max(0, min(key_masks) - reach), min(last, max(key_masks) + reach))
 
         def show(result: np.ndarray) -> None:
             self._preview.data[:] = result.astype(np.uint8) * PREVIEW_VALUE
             self._preview.refresh()
 
-        self._run_task("propagate", compute, show)
+        self._run("propagate", propagation(key_masks, stop_iou, slice_range), show)
 
     def _key_masks(self) -> dict[int, np.ndarray]:
-        """Preview masks on prompted slices; else the preview or the committed label on the current slice."""
-        preview = np.asarray(self._preview.data) > 0
-        keys = {z: preview[z].copy() for z in prompted_slices(self._points, self._boxes) if preview[z].any()}
-        z = self._current_slice()
-        if not keys and preview[z].any():
-            keys = {z: preview[z].copy()}
-        labels = self.target_labels_layer(create=False)
-        if not keys and labels is not None:
-            committed = np.asarray(labels.data[z]) == self.controls.label_spin.value()
-            if committed.any():
-                keys = {z: committed}
-        return keys
+        z, labels = self._current_slice(), self.target_labels_layer(create=False)
+        committed = None if labels is None else np.asarray(labels.data[z]) == self.controls.label_spin.value()
+        return key_masks_for_propagation(self._preview.data, self._points, self._boxes, z, committed)
 
     def auto_segment(self, whole_volume: bool = True) -> None:
-        """Segment without prompts into a NEW labels layer (adapter class head if one is active)."""
+        """Segment without prompts into a NEW labels layer (with the adapter's class head when one is active)."""
         image = self.image_layer
         if image is None or self._current_volume() is None:
             return
         z = self._current_slice()
-        try:
-            from ..engine import automatic  # imported in the GUI thread, never first in a worker
-        except ImportError as error:
-            show_error(f"napari-sam-ft: automatic segmentation is not available ({error})")
-            return
-
-        def compute(predictor, progress, should_cancel):
-            if whole_volume:
-                return automatic.segment_volume(predictor, progress=progress, should_cancel=should_cancel)
-            labels = np.zeros(predictor.volume.shape, dtype=np.int32)
-            labels[z] = automatic.segment_slice(predictor, z)
-            return labels
+        compute = automatic_segmentation(whole_volume, z, self.controls.grid_spin.value())
 
         def add_layer(labels: np.ndarray) -> None:
             where = "" if whole_volume else f" slice {z}"
             new_labels_layer(self._viewer, image, f"{image.name} auto-segmentation{where}", labels)
             self._select_points_layer()
 
-        self._run_task("auto-segment volume" if whole_volume else f"auto-segment slice {z}", compute, add_layer)
+        self._run("auto-segment volume" if whole_volume else f"auto-segment slice {z}", compute, add_layer)
 
     # -- status ------------------------------------------------------------------------------------
     def _update_status(self) -> None:
@@ -435,15 +368,17 @@ class SegmentWidget(QWidget):
         if predictor is None:
             return
         status = predictor.status()
-        click = "" if np.isnan(self.last_click_to_preview_ms) else f" · click→preview {self.last_click_to_preview_ms:.0f} ms"
+        click = self.last_click_to_preview_ms
+        click_text = "" if np.isnan(click) else f" · click→preview {click:.0f} ms"
         self.controls.status_label.setText(
             f"{status['device']} · {status['dtype']} · cache {status['cached_slices']}/{status['num_slices']} slices "
-            f"({status['cache_mb']:.0f} MB) · last decode {status['last_ms']:.0f} ms{click}")
+            f"({status['cache_mb']:.0f} MB) · last decode {status['last_ms']:.0f} ms{click_text}")
 
-    def closeEvent(self, event) -> None:
-        for task in (self._task, self._slice_task):
+    def _cancel_background_work(self) -> None:
+        for task in (self.tasks.task, self._slice_task):
             if task is not None:
                 task.cancel()
-        for key in self._key_actions:
-            self._viewer.bind_key(key, None)
+
+    def closeEvent(self, event) -> None:
+        self._cancel_background_work()
         super().closeEvent(event)

@@ -81,6 +81,24 @@ class ConvBN(nn.Module):
         )
 
 
+class PatchEmbed(nn.Module):
+    """Stem: two ConvBN layers with a GELU between them (keys ``seq.{0,2}.*``)."""
+
+    def __init__(self, in_chans: int, embed_dim: int, stride: int) -> None:
+        super().__init__()
+        # LiteMedSAM replaced MobileSAM's two 3x3/stride-2 convs with 1x1/stride-1
+        # ones, so its 256 px input still gives a 64x64 embedding.
+        kernel, step = {1: (1, 1), 4: (3, 2)}[stride]
+        self.seq = nn.Sequential(
+            ConvBN(in_chans, embed_dim // 2, kernel_size=kernel, stride=step),
+            nn.GELU(),
+            ConvBN(embed_dim // 2, embed_dim, kernel_size=kernel, stride=step),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.seq(x)
+
+
 class MBConv(nn.Module):
     """Inverted residual block: 1x1 expand, 3x3 depthwise, 1x1 project."""
 
@@ -173,8 +191,9 @@ class WindowAttention(nn.Module):
         windows, n, dim = x.shape
         qkv = self.qkv(self.norm(x)).view(windows, n, self.num_heads, 3, self.head_dim)
         q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each (windows, heads, N, d)
-        # Gathered every call (a few 100k elements): cheaper than keeping a
-        # cached copy in sync with the parameter after loads / training steps.
+        # Gathered on every call (small next to the attention itself) instead
+        # of cached, so it cannot go stale after load_state_dict or an
+        # optimiser step, as upstream's eval-time cache can.
         bias = self.attention_biases[:, self.attention_bias_idxs].to(q.dtype)
         # SDPA's default scale is head_dim ** -0.5, the same as upstream.  The
         # mask must be 4-D: a 3-D one silently sends CPU SDPA down its slow
@@ -317,24 +336,20 @@ class TinyViT(nn.Module):
         assert stem_stride in (1, 4), "stem_stride must be 1 (LiteMedSAM) or 4 (MobileSAM)"
         self.img_size = img_size
 
-        first, half = embed_dims[0], embed_dims[0] // 2
-        stem_kernel, stem_step = (1, 1) if stem_stride == 1 else (3, 2)
-        self.patch_embed = nn.Module()  # keeps the upstream "patch_embed.seq.*" keys
-        self.patch_embed.seq = nn.Sequential(
-            ConvBN(in_chans, half, kernel_size=stem_kernel, stride=stem_step),
-            nn.GELU(),
-            ConvBN(half, first, kernel_size=stem_kernel, stride=stem_step),
-        )
+        self.patch_embed = PatchEmbed(in_chans, embed_dims[0], stem_stride)
 
         def merge(i: int) -> nn.Module | None:
             if i == n_stages - 1:
                 return None
-            # The merge into the last stage only widens the channels, which is
-            # why SAM's 16x total stride comes out of a 4x/1x stem + 2x + 2x.
+            # The merge into the last stage keeps the resolution and only widens
+            # the channels (upstream keys this on out_dim in {320, 448, 576},
+            # i.e. the last merge of every published TinyViT size).
             stride = 1 if i == n_stages - 2 else 2
             return PatchMerging(embed_dims[i], embed_dims[i + 1], stride)
 
-        self.layers = nn.ModuleList([ConvStage(first, depths[0], mbconv_expand_ratio, merge(0))])
+        self.layers = nn.ModuleList(
+            [ConvStage(embed_dims[0], depths[0], mbconv_expand_ratio, merge(0))]
+        )
         for i in range(1, n_stages):
             self.layers.append(
                 AttentionStage(
@@ -377,10 +392,10 @@ class TinyViT(nn.Module):
         ``s`` is 4 for LiteMedSAM (256 -> 64) and 16 for MobileSAM (1024 -> 64).
         """
         # Channels-last lets oneDNN run the convolutions without layout
-        # reorders and makes the NCHW <-> (B, H, W, C) permutes free; it is
-        # ~25% faster on CPU.  Costs nothing if the caller already did it.
+        # reorders and makes the NCHW <-> (B, H, W, C) permutes free (about
+        # 25% faster on CPU here).  A no-op if the caller already did it.
         x = x.contiguous(memory_format=torch.channels_last)
-        x = self.patch_embed.seq(x)
+        x = self.patch_embed(x)
         for layer in self.layers:
             x = layer(x)
         # Hand back an ordinary contiguous tensor (a 4 MB copy) so callers can

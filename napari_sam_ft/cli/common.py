@@ -1,0 +1,77 @@
+"""Options and helpers shared by the subcommands."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+from ..devices import DEVICE_CHOICES
+from ..volume import WINDOW_CHOICES
+
+
+def add_volume_options(parser) -> None:
+    parser.add_argument("--axis", type=int, choices=(0, 1, 2), default=None,
+                        help="file voxel axis to slice along (NIfTI default 2, TIFF/npy default 0)")
+    parser.add_argument("--channel", type=int, default=None, help="channel or time point of a 4D file")
+    parser.add_argument("--window", default="auto",
+                        help=f"intensity window: {', '.join(WINDOW_CHOICES)} or LEVEL,WIDTH (default auto: a CT "
+                        "soft-tissue window for Hounsfield data, 0.5-99.5 %% percentiles otherwise)")
+
+
+def add_model_options(parser) -> None:
+    from ..models.registry import DEFAULT_MODEL, MODELS
+
+    parser.add_argument("--model", choices=tuple(MODELS), default=DEFAULT_MODEL,
+                        help="registry model (default: the embedded LiteMedSAM)")
+    parser.add_argument("--checkpoint", default=None, help="weights file for models without embedded weights")
+    parser.add_argument("--adapter", default=None, help="a fine-tuned adapter folder to apply")
+    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                        help="image-encoder precision (auto: bf16 where the hardware has it)")
+    parser.add_argument("--no-disk-cache", action="store_true", help="keep embeddings in memory only")
+
+
+def parse_window(text: str):
+    if "," in text:
+        level, width = (float(value) for value in text.split(","))
+        return (level, width)
+    return text
+
+
+def open_predictor(args, volume=None):
+    """The volume and a ``VolumePredictor`` for it, configured from the common options."""
+    from ..devices import select_device
+    from ..engine.cache import EmbeddingCache, default_cache_dir
+    from ..engine.predictor import VolumePredictor
+    from ..models.registry import load_model
+    from ..volume import read_volume
+
+    if volume is None:
+        volume = read_volume(args.image, slicing_axis=getattr(args, "axis", None), channel=getattr(args, "channel", None))
+    device = select_device(args.device)
+    model = load_model(args.model, args.checkpoint, device=device)
+    if getattr(args, "adapter", None):
+        from ..finetune.adapters import load_adapter
+
+        load_adapter(model, args.adapter)
+    cache = EmbeddingCache(disk_dir=None if args.no_disk_cache else default_cache_dir())
+    predictor = VolumePredictor(model, volume, window=parse_window(getattr(args, "window", "auto")), cache=cache,
+                                precision=args.precision)
+    return volume, predictor
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int):
+    """A tqdm bar on stderr driven by the engine's ``progress(done, total)`` callbacks."""
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=description, unit="slice", file=sys.stderr, leave=False,
+              disable=not sys.stderr.isatty() and total == 0) as bar:
+        def update(done: int, new_total: int, *_) -> None:
+            if bar.total != new_total:
+                bar.total = new_total
+                bar.refresh()
+            bar.n = done
+            bar.refresh()
+
+        yield update

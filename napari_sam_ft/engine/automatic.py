@@ -1,0 +1,203 @@
+"""Automatic segmentation of a whole volume in one call.
+
+With the base model, each slice gets a grid of point prompts inside the body (as SAM's automatic mask
+generator does); the masks are filtered by predicted IoU and stability, de-duplicated, and the 2D
+objects are linked across slices into 3D instances. With an adapter that carries a no-prompt class head,
+the head's class labels are returned instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from .predictor import Cancelled, CancelCheck, ProgressCallback, VolumePredictor
+
+
+@dataclass(frozen=True)
+class AutomaticSettings:
+    points_per_side: int = 12
+    pred_iou_threshold: float = 0.80
+    stability_threshold: float = 0.85
+    stability_offset: float = 1.0
+    duplicate_iou: float = 0.6
+    min_area_fraction: float = 0.0015  # of the slice
+    max_area_fraction: float = 0.5  # larger masks are the body or background, not an object
+    foreground_threshold: float = 0.08  # windowed intensity above which a pixel is body, not air
+    min_foreground_fraction: float = 0.02  # slices with less body than this are skipped
+    link_iou: float = 0.3  # 2D objects on neighbouring slices overlapping this much are one 3D object
+    min_instance_voxels: int = 30
+    prompt_batch: int = 64
+
+
+def body_mask(slice_01: np.ndarray, threshold: float) -> np.ndarray:
+    """Pixels brighter than air, holes filled: where prompts are worth placing."""
+    foreground = ndimage.binary_opening(slice_01 > threshold, iterations=1)
+    return ndimage.binary_fill_holes(foreground)
+
+
+def grid_points(mask: np.ndarray, points_per_side: int) -> np.ndarray:
+    """(N, 2) xy points of a regular grid over the slice that fall inside ``mask``."""
+    height, width = mask.shape
+    offset_y, offset_x = height / (2 * points_per_side), width / (2 * points_per_side)
+    ys = np.linspace(offset_y, height - offset_y, points_per_side)
+    xs = np.linspace(offset_x, width - offset_x, points_per_side)
+    grid = np.stack(np.meshgrid(xs, ys), axis=-1).reshape(-1, 2)
+    inside = mask[np.clip(grid[:, 1].astype(int), 0, height - 1), np.clip(grid[:, 0].astype(int), 0, width - 1)]
+    return grid[inside].astype(np.float32)
+
+
+def _mask_iou_matrix(masks: torch.Tensor) -> torch.Tensor:
+    flat = masks.reshape(masks.shape[0], -1).float()
+    intersection = flat @ flat.T
+    areas = flat.sum(dim=1)
+    return intersection / (areas[:, None] + areas[None, :] - intersection).clamp(min=1.0)
+
+
+def slice_objects(predictor: VolumePredictor, slice_index: int,
+                  settings: AutomaticSettings = AutomaticSettings()) -> np.ndarray:
+    """Automatic 2D objects on one slice with the base model -> (H, W) int32, 0 = background, 1..n objects."""
+    image = predictor.slice_image(slice_index)
+    height, width = image.shape
+    body = body_mask(image, settings.foreground_threshold)
+    if body.mean() < settings.min_foreground_fraction:
+        return np.zeros((height, width), np.int32)
+    points = grid_points(body, settings.points_per_side)
+    if len(points) == 0:
+        return np.zeros((height, width), np.int32)
+    kept_logits, kept_scores = [], []
+    for start in range(0, len(points), settings.prompt_batch):
+        batch = points[start:start + settings.prompt_batch][:, None, :]
+        logits, scores, _ = predictor.decode(slice_index, batch, np.ones(batch.shape[:2], np.float32), None, None,
+                                             multimask_output=True)
+        logits, scores = logits.flatten(0, 1), scores.flatten(0, 1)
+        # Stability: how much the mask changes when the logit threshold moves (SAM's stability score).
+        high = (logits > settings.stability_offset).flatten(1).sum(1).float()
+        low = (logits > -settings.stability_offset).flatten(1).sum(1).float().clamp(min=1.0)
+        area = (logits > 0).flatten(1).sum(1).float()
+        keep = ((scores >= settings.pred_iou_threshold) & (high / low >= settings.stability_threshold)
+                & (area >= settings.min_area_fraction * height * width)
+                & (area <= settings.max_area_fraction * body.sum()))
+        kept_logits.append(logits[keep])
+        kept_scores.append(scores[keep])
+    logits, scores = torch.cat(kept_logits), torch.cat(kept_scores)
+    if len(scores) == 0:
+        return np.zeros((height, width), np.int32)
+    masks = (logits > 0) & torch.from_numpy(body)
+    order = torch.argsort(scores, descending=True)
+    masks, scores = masks[order], scores[order]
+    overlaps = _mask_iou_matrix(masks)
+    chosen: list[int] = []
+    for candidate in range(len(scores)):
+        if all(overlaps[candidate, previous] < settings.duplicate_iou for previous in chosen):
+            chosen.append(candidate)
+    labels = np.zeros((height, width), np.int32)
+    # Paint the least confident first so the most confident object wins where masks overlap.
+    for rank, candidate in reversed(list(enumerate(chosen, start=1))):
+        labels[masks[candidate].numpy()] = rank
+    return labels
+
+
+def link_slices(slice_labels: dict[int, np.ndarray], shape: tuple[int, int, int],
+                settings: AutomaticSettings = AutomaticSettings()) -> np.ndarray:
+    """Link per-slice objects into 3D instances by overlap with the previous slice -> (Z, H, W) int32."""
+    volume_labels = np.zeros(shape, np.int32)
+    next_instance = 1
+    previous_index = None
+    for index in sorted(slice_labels):
+        labels = slice_labels[index]
+        previous = volume_labels[previous_index] if previous_index == index - 1 else None
+        for object_id in (value for value in np.unique(labels) if value):
+            mask = labels == object_id
+            instance = 0
+            if previous is not None:
+                candidates, counts = np.unique(previous[mask], return_counts=True)
+                best_iou = 0.0
+                for candidate, count in zip(candidates, counts):
+                    if candidate == 0:
+                        continue
+                    iou = count / (mask.sum() + (previous == candidate).sum() - count)
+                    if iou >= settings.link_iou and iou > best_iou:
+                        instance, best_iou = int(candidate), iou
+            if instance == 0:
+                instance, next_instance = next_instance, next_instance + 1
+            volume_labels[index][mask & (volume_labels[index] == 0)] = instance
+        previous_index = index
+    sizes = np.bincount(volume_labels.ravel())
+    small = np.flatnonzero(sizes < settings.min_instance_voxels)
+    volume_labels[np.isin(volume_labels, small[small > 0])] = 0
+    # Renumber 1..n in order of first appearance.
+    ids = [value for value in np.unique(volume_labels) if value]
+    remap = np.zeros(int(volume_labels.max()) + 1, np.int32)
+    remap[ids] = np.arange(1, len(ids) + 1)
+    return remap[volume_labels]
+
+
+@torch.inference_mode()
+def class_head_slice(predictor: VolumePredictor, slice_index: int) -> np.ndarray:
+    """The active adapter's no-prompt head on one slice -> (H, W) label ids of the training labels."""
+    model = predictor.model
+    embedding = predictor.embedding(slice_index)
+    logits = model.class_head(model.sam, embedding)
+    height, width = predictor.slice_shape
+    classes = model.preprocessing.logits_to_slice(logits, height, width).argmax(dim=1)[0].cpu().numpy()
+    lookup = np.array((0, *model.class_ids), dtype=np.int32)
+    return lookup[classes]
+
+
+def segment_slice(predictor: VolumePredictor, slice_index: int,
+                  settings: AutomaticSettings = AutomaticSettings()) -> np.ndarray:
+    """Automatic labels of one slice: class ids with an adapter's class head, else object ids."""
+    if predictor.model.class_head is not None:
+        return class_head_slice(predictor, slice_index)
+    return slice_objects(predictor, slice_index, settings)
+
+
+def segment_volume(predictor: VolumePredictor, *, slice_indices=None, settings: AutomaticSettings = AutomaticSettings(),
+                   progress: ProgressCallback | None = None, should_cancel: CancelCheck | None = None) -> np.ndarray:
+    """Automatic labels for the whole volume (or ``slice_indices``) -> (Z, H, W) int32.
+
+    Slices holding only air are skipped without encoding. With a class head the labels are the
+    adapter's class ids; otherwise they are 3D instance ids 1..n.
+    """
+    volume = predictor.volume
+    indices = list(range(volume.num_slices)) if slice_indices is None else [int(index) for index in slice_indices]
+    worth = [index for index in indices
+             if body_mask(predictor.slice_image(index), settings.foreground_threshold).mean()
+             >= settings.min_foreground_fraction]
+    total = len(worth)
+    slice_labels: dict[int, np.ndarray] = {}
+    for done, index in enumerate(worth):
+        if should_cancel is not None and should_cancel():
+            raise Cancelled(f"automatic segmentation cancelled after {done} of {total} slices")
+        if progress:
+            progress(done, total)
+        slice_labels[index] = segment_slice(predictor, index, settings)
+    if progress:
+        progress(total, total)
+    if predictor.model.class_head is not None:
+        labels = np.zeros(volume.shape, np.int32)
+        for index, slice_label in slice_labels.items():
+            labels[index] = slice_label
+        return labels
+    return link_slices(slice_labels, volume.shape, settings)
+
+
+def match_instances_to_classes(instances: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Give each automatic 3D instance the reference class it overlaps most (for scoring only).
+
+    Instances overlapping no reference class become background. This is the usual oracle matching
+    for class-agnostic automatic segmentation.
+    """
+    result = np.zeros(reference.shape, np.int32)
+    for instance in (value for value in np.unique(instances) if value):
+        mask = instances == instance
+        classes, counts = np.unique(reference[mask], return_counts=True)
+        best = int(classes[np.argmax(counts)])
+        # Only keep the instance if most of it lies inside that class.
+        if best != 0 and counts.max() >= 0.5 * mask.sum():
+            result[mask & (result == 0)] = best
+    return result

@@ -1,0 +1,103 @@
+"""Augmentation of (image slice, label slice) pairs and prompts simulated from masks, jittered.
+
+Geometry is applied to image and labels together (labels with nearest-neighbour sampling, so ids stay
+ids); intensity jitter to the image only. Everything draws from the caller's ``numpy.random.Generator``
+so a seed fixes a run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+
+@dataclass(frozen=True)
+class AugmentSettings:
+    """Random transforms for few-shot training.
+
+    ``flips`` mirrors left-right and up-down; it is only used for prompted training, because a mirrored
+    slice would teach the automatic head that e.g. the left kidney lies on the right.
+    """
+
+    flips: bool = True
+    max_rotation_deg: float = 10.0
+    scale_range: tuple[float, float] = (0.9, 1.1)
+    intensity_jitter: float = 0.1
+    enabled: bool = True
+
+
+def augment_pair(image_01: np.ndarray, labels: np.ndarray, rng: np.random.Generator, settings: AugmentSettings,
+                 allow_flips: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """One random view of an (H, W) float32 [0, 1] image and its (H, W) int labels."""
+    if not settings.enabled:
+        return image_01, labels
+    image = np.asarray(image_01, np.float32)
+    if settings.flips and allow_flips:
+        if rng.random() < 0.5:
+            image, labels = image[:, ::-1], labels[:, ::-1]
+        if rng.random() < 0.5:
+            image, labels = image[::-1], labels[::-1]
+    angle = math.radians(rng.uniform(-settings.max_rotation_deg, settings.max_rotation_deg))
+    scale = rng.uniform(*settings.scale_range)
+    if abs(angle) > 1e-6 or abs(scale - 1.0) > 1e-6:
+        # Output pixel p samples input at M @ (p - centre) + centre: M = rotation(-angle) / scale.
+        cos, sin = math.cos(angle) / scale, math.sin(angle) / scale
+        matrix = np.array([[cos, -sin], [sin, cos]])
+        centre = (np.array(image.shape, float) - 1) / 2
+        offset = centre - matrix @ centre
+        image = ndimage.affine_transform(image, matrix, offset, order=1, mode="nearest")
+        labels = ndimage.affine_transform(np.ascontiguousarray(labels), matrix, offset, order=0, mode="constant",
+                                          cval=0)
+    if settings.intensity_jitter > 0:
+        jitter = settings.intensity_jitter
+        contrast = rng.uniform(1 - jitter, 1 + jitter)
+        brightness = rng.uniform(-jitter / 2, jitter / 2)
+        gamma = math.exp(rng.uniform(-jitter, jitter))
+        image = np.clip((image - 0.5) * contrast + 0.5 + brightness, 0.0, 1.0) ** gamma
+    return np.ascontiguousarray(image, np.float32), np.ascontiguousarray(labels)
+
+
+def jittered_box(mask: np.ndarray, rng: np.random.Generator, jitter: float = 0.1,
+                 max_margin_px: float = 5.0) -> np.ndarray:
+    """A box around a 2D mask as a user would draw it: (x_min, y_min, x_max, y_max), sides moved by up to
+    ``jitter`` of the box size plus a random margin of up to ``max_margin_px``, clipped to the slice."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    height, width = mask.shape
+    x0, x1, y0, y1 = float(cols[0]), float(cols[-1]), float(rows[0]), float(rows[-1])
+    box_w, box_h = x1 - x0 + 1, y1 - y0 + 1
+    noise = rng.uniform(-jitter, jitter, 4) * np.array([box_w, box_h, box_w, box_h])
+    margin = rng.uniform(0, max_margin_px, 4) * np.array([-1, -1, 1, 1])
+    box = np.array([x0, y0, x1, y1]) + noise + margin
+    box[[0, 2]] = np.clip(box[[0, 2]], 0, width - 1)
+    box[[1, 3]] = np.clip(box[[1, 3]], 0, height - 1)
+    if box[2] < box[0]:
+        box[[0, 2]] = box[[2, 0]]
+    if box[3] < box[1]:
+        box[[1, 3]] = box[[3, 1]]
+    return box.astype(np.float32)
+
+
+def sampled_points(mask: np.ndarray, rng: np.random.Generator, max_positive: int = 3,
+                   max_negative: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Clicks a user might make on a 2D mask: 1..max_positive points inside (favouring its interior) and
+    0..max_negative just outside it. Returns ((N, 2) x, y float32, (N,) int64 1 = positive, 0 = negative)."""
+    depth = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+    inside_rows, inside_cols = np.nonzero(mask)
+    weights = depth[inside_rows, inside_cols] ** 2
+    count = int(rng.integers(1, max_positive + 1))
+    picks = rng.choice(len(inside_rows), size=min(count, len(inside_rows)), replace=False, p=weights / weights.sum())
+    coords = [[inside_cols[i], inside_rows[i]] for i in picks]
+    labels = [1] * len(coords)
+    negatives = int(rng.integers(0, max_negative + 1))
+    if negatives:
+        ring = ndimage.binary_dilation(mask, iterations=4) & ~mask
+        ring_rows, ring_cols = np.nonzero(ring)
+        if len(ring_rows):
+            for i in rng.choice(len(ring_rows), size=min(negatives, len(ring_rows)), replace=False):
+                coords.append([ring_cols[i], ring_rows[i]])
+                labels.append(0)
+    return np.asarray(coords, np.float32), np.asarray(labels, np.int64)

@@ -1,0 +1,223 @@
+"""Training data from annotations: the slices a user labelled become (image slice, label slice) pairs.
+
+Only slices the user annotated are used: by default every slice holding a nonzero label, or an explicit
+list of reviewed slices (an explicitly listed slice without labels is a reviewed, truly empty slice and
+teaches the automatic head "nothing here"). Unlabelled slices are never taken as background.
+Several volumes can be combined; their label ids must mean the same structures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from ..volume import Volume, Window, choose_window
+
+
+class FinetuneDataError(ValueError):
+    """Annotations that cannot train an adapter; the message says what to annotate."""
+
+
+@dataclass
+class VolumeAnnotations:
+    """One image volume and the user's labels for it, both (Z, Y, X) (a 2D pair is one slice)."""
+
+    image: np.ndarray | Volume
+    labels: np.ndarray | Volume
+    name: str = ""
+    window: str | tuple[float, float] | Window = "auto"
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        image = self.image.array if isinstance(self.image, Volume) else np.asarray(self.image)
+        labels = self.labels.array if isinstance(self.labels, Volume) else np.asarray(self.labels)
+        if image.ndim == 2:
+            image = image[None]
+        if labels.ndim == 2:
+            labels = labels[None]
+        where = f"volume {self.name!r}" if self.name else "volume"
+        if image.ndim != 3:
+            raise FinetuneDataError(f"{where}: the image must be 3D (Z, Y, X) or 2D, got shape {image.shape}")
+        if labels.shape != image.shape:
+            raise FinetuneDataError(f"{where}: labels shape {labels.shape} does not match image shape {image.shape}")
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise FinetuneDataError(f"{where}: labels must hold integer label ids, got dtype {labels.dtype}")
+        return image, labels
+
+
+@dataclass
+class AnnotatedSlice:
+    """One training or validation example."""
+
+    volume_index: int
+    slice_index: int
+    image_01: np.ndarray  # (H, W) float32, windowed to [0, 1]
+    labels: np.ndarray  # (H, W) int32 label ids; ids outside the trained classes are already 0
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.labels.shape[0]), int(self.labels.shape[1])
+
+
+@dataclass
+class TrainingData:
+    """Training and validation slices plus the classes the adapter learns."""
+
+    train: list[AnnotatedSlice]
+    validation: list[AnnotatedSlice]
+    class_ids: tuple[int, ...]
+    class_names: dict[int, str]
+    windows: list[Window]
+    volume_names: list[str] = field(default_factory=list)
+
+    def class_indices(self, labels: np.ndarray) -> np.ndarray:
+        """(H, W) label ids -> (H, W) int64 channel indices: 0 background, k for ``class_ids[k - 1]``."""
+        ids = np.asarray(self.class_ids, np.int64)
+        positions = np.searchsorted(ids, labels)
+        found = (positions < len(ids)) & (ids[np.minimum(positions, len(ids) - 1)] == labels)
+        return np.where(found, positions + 1, 0).astype(np.int64)
+
+    def describe(self) -> str:
+        def where(items: list[AnnotatedSlice]) -> str:
+            return ", ".join(f"{self.volume_names[s.volume_index] or s.volume_index}:{s.slice_index}"
+                             if len(self.volume_names) > 1 else str(s.slice_index) for s in items)
+
+        return (f"{len(self.train)} training slice(s) [{where(self.train)}], {len(self.validation)} validation "
+                f"slice(s) [{where(self.validation)}], {len(self.class_ids)} class(es)")
+
+
+def annotated_slices(labels_zyx: np.ndarray) -> list[int]:
+    """Indices of the slices holding at least one nonzero label."""
+    labels_zyx = np.asarray(labels_zyx)
+    if labels_zyx.ndim == 2:
+        labels_zyx = labels_zyx[None]
+    return [int(index) for index in np.flatnonzero(labels_zyx.reshape(labels_zyx.shape[0], -1).any(axis=1))]
+
+
+def parse_slice_list(text: str, num_slices: int | None = None) -> list[int]:
+    """'62,70,78' or '10:20' (Python-style: 10..19) or '0:30:5' or a mix -> sorted unique slice indices."""
+    indices: set[int] = set()
+    for part in str(text).replace(" ", "").split(","):
+        if not part:
+            continue
+        try:
+            if ":" in part:
+                bounds = [int(value) if value else None for value in part.split(":")]
+                if len(bounds) > 3 or bounds[0] is None or (bounds[1] is None and num_slices is None):
+                    raise ValueError
+                stop = bounds[1] if bounds[1] is not None else num_slices
+                step = bounds[2] if len(bounds) == 3 and bounds[2] else 1
+                if step <= 0 or stop <= bounds[0]:
+                    raise ValueError
+                indices.update(range(bounds[0], stop, step))
+            else:
+                indices.add(int(part))
+        except ValueError:
+            raise FinetuneDataError(f"cannot read slice list item {part!r}: use indices like 62,70,78 or "
+                                    f"ranges A:B (A..B-1) or A:B:step") from None
+    if num_slices is not None:
+        outside = sorted(index for index in indices if not 0 <= index < num_slices)
+        if outside:
+            raise FinetuneDataError(f"slice(s) {outside} are out of range 0..{num_slices - 1}")
+    if not indices:
+        raise FinetuneDataError(f"the slice list {text!r} names no slices")
+    return sorted(indices)
+
+
+def _per_volume(value, count: int, what: str) -> list[list[int] | None]:
+    """None, one list for every volume, or one list (or None) per volume."""
+    if value is None:
+        return [None] * count
+    value = list(value)
+    if value and all(isinstance(item, (int, np.integer)) for item in value):
+        return [[int(item) for item in value]] * count
+    if len(value) != count:
+        raise FinetuneDataError(f"{what}: give one slice list for every volume ({count}), got {len(value)}")
+    return [None if item is None else [int(index) for index in item] for item in value]
+
+
+def _spread_pick(count: int, wanted: int) -> list[int]:
+    """``wanted`` positions out of ``count``, spread evenly and away from the ends."""
+    return sorted({int(round(position)) for position in np.linspace(0, count - 1, wanted + 2)[1:-1]})
+
+
+def build_training_data(volumes: Sequence[VolumeAnnotations], *, slices=None, validation_slices=None,
+                        classes: Sequence[int] | None = None, class_names: dict[int, str] | None = None,
+                        validation_fraction: float = 0.2) -> TrainingData:
+    """Collect annotated slices of one or more volumes and hold some out for validation.
+
+    ``slices``: None (every slice with a nonzero label), one list for all volumes, or one list per volume
+    (the slices the user reviewed). ``validation_slices``: same forms; None holds out
+    ``validation_fraction`` of the annotated slices (at least one), spread through the stack.
+    ``classes``: the label ids to learn (others become background); default every id found.
+    """
+    if not volumes:
+        raise FinetuneDataError("no image/labels pair was given")
+    chosen = _per_volume(slices, len(volumes), "slices")
+    held_out = _per_volume(validation_slices, len(volumes), "validation slices")
+    candidates: list[tuple[int, int]] = []  # (volume index, slice index) the user annotated or reviewed
+    arrays = []
+    for volume_index, volume in enumerate(volumes):
+        image, labels = volume.arrays()
+        arrays.append((image, labels))
+        annotated = annotated_slices(labels)
+        listed = annotated if chosen[volume_index] is None else chosen[volume_index]
+        for slice_index in listed:
+            if not 0 <= slice_index < labels.shape[0]:
+                raise FinetuneDataError(f"slice {slice_index} is out of range 0..{labels.shape[0] - 1} "
+                                        f"(volume {volume.name or volume_index})")
+        candidates.extend((volume_index, index) for index in sorted(set(listed)))
+        for index in held_out[volume_index] or []:
+            if not 0 <= index < labels.shape[0] or not labels[index].any():
+                raise FinetuneDataError(f"validation slice {index} of volume {volume.name or volume_index} holds no "
+                                        "annotations")
+            if (volume_index, index) not in candidates:
+                candidates.append((volume_index, index))
+    with_labels = [(v, z) for v, z in candidates if arrays[v][1][z].any()]
+    if not with_labels:
+        raise FinetuneDataError("the labels hold no annotations on the chosen slices: paint at least 2 slices "
+                                "(one is held out to check the adapter)")
+    if len(candidates) < 2:
+        volume_index, slice_index = candidates[0]
+        raise FinetuneDataError(f"only one annotated slice (slice {slice_index}): fine-tuning needs at least 2, "
+                                "one to train on and one held out to check the adapter")
+
+    if any(item is not None for item in held_out):
+        validation_keys = {(v, z) for v, items in enumerate(held_out) for z in items or []}
+    else:
+        wanted = max(1, int(round(validation_fraction * len(with_labels))))
+        wanted = min(wanted, len(with_labels) - 1) if len(candidates) == len(with_labels) else wanted
+        validation_keys = {with_labels[position] for position in _spread_pick(len(with_labels), wanted)}
+    train_keys = [key for key in candidates if key not in validation_keys]
+    if not any(arrays[v][1][z].any() for v, z in train_keys):
+        raise FinetuneDataError("after holding out the validation slices no annotated training slice is left: "
+                                "annotate more slices")
+
+    present = sorted({int(value) for v, z in candidates for value in np.unique(arrays[v][1][z]) if value != 0})
+    if classes is None:
+        class_ids = tuple(present)
+    else:
+        class_ids = tuple(sorted({int(value) for value in classes}))
+        missing = [value for value in class_ids if value not in present]
+        if missing:
+            raise FinetuneDataError(f"class id(s) {missing} are not painted on any chosen slice "
+                                    f"(found {present})")
+        if not class_ids:
+            raise FinetuneDataError("no class ids were given")
+    names = {label: (class_names or {}).get(label, f"label {label}") for label in class_ids}
+
+    windows = [volume.window if isinstance(volume.window, Window) else choose_window(image, volume.window)
+               for volume, (image, _) in zip(volumes, arrays)]
+
+    def example(volume_index: int, slice_index: int) -> AnnotatedSlice:
+        image, labels = arrays[volume_index]
+        slice_labels = np.asarray(labels[slice_index]).astype(np.int32)
+        slice_labels[~np.isin(slice_labels, class_ids)] = 0
+        return AnnotatedSlice(volume_index, slice_index, windows[volume_index].apply(image[slice_index]),
+                              slice_labels)
+
+    return TrainingData(train=[example(v, z) for v, z in train_keys],
+                        validation=[example(v, z) for v, z in sorted(validation_keys)],
+                        class_ids=class_ids, class_names=names, windows=windows,
+                        volume_names=[volume.name for volume in volumes])

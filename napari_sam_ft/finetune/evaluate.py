@@ -1,0 +1,152 @@
+"""Decoder passes used by training and scoring, and Dice on annotated slices.
+
+``decode_prompts`` and ``class_logits`` return logits on the slice grid (the same resizing the engine
+uses), with gradients when called with grad enabled. ``score_slices`` is the validation metric:
+
+* ``box`` / ``point``: one object per (slice, class) present in the reference, prompted with its tight
+  box / its deepest interior point; the mean Dice over objects.
+* ``none``: the automatic head's argmax labels; per class, Dice over all scored slices together, then
+  the mean over the classes present in the reference.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..engine.prompts import box_from_mask, interior_point
+from ..models.registry import Preprocessing
+
+PROMPTED_MODES = ("box", "point")
+MODE_VALIDATION = {"box": ("box",), "point": ("point",), "none": ("none",), "mixed": ("box", "none")}
+
+
+def decode_prompts(sam: nn.Module, preprocessing: Preprocessing, embedding: torch.Tensor, height: int, width: int,
+                   boxes_xyxy: np.ndarray | None = None, points_xy: np.ndarray | None = None,
+                   point_labels: np.ndarray | None = None) -> torch.Tensor:
+    """N objects on one slice: (1, 256, 64, 64) embedding plus (N, 4) boxes and/or (N, P, 2) points with
+    (N, P) labels (-1 pads a shorter list) -> (N, 1, H, W) slice-grid logits (single-mask output)."""
+    device = embedding.device
+    point_prompt = box_prompt = None
+    if points_xy is not None:
+        coords = torch.from_numpy(preprocessing.coords_to_model(points_xy, height, width)).to(device)
+        point_prompt = (coords, torch.as_tensor(point_labels, dtype=torch.int64, device=device))
+    if boxes_xyxy is not None:
+        corners = preprocessing.coords_to_model(np.asarray(boxes_xyxy, np.float32).reshape(-1, 2, 2), height, width)
+        box_prompt = torch.from_numpy(corners.reshape(-1, 4)).to(device)
+    sparse, dense = sam.prompt_encoder(points=point_prompt, boxes=box_prompt, masks=None)
+    low_res, _ = sam.mask_decoder(image_embeddings=embedding, image_pe=sam.prompt_encoder.get_dense_pe(),
+                                  sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                  multimask_output=False)
+    return preprocessing.logits_to_slice(low_res, height, width)
+
+
+def pad_points(point_sets: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-object ((P_i, 2) coords, (P_i,) labels) -> (N, P, 2), (N, P) padded with SAM's "not a point" (-1)."""
+    longest = max(len(labels) for _, labels in point_sets)
+    coords = np.zeros((len(point_sets), longest, 2), np.float32)
+    labels = np.full((len(point_sets), longest), -1, np.int64)
+    for index, (object_coords, object_labels) in enumerate(point_sets):
+        coords[index, :len(object_labels)] = object_coords
+        labels[index, :len(object_labels)] = object_labels
+    return coords, labels
+
+
+def class_logits(head: nn.Module, sam: nn.Module, preprocessing: Preprocessing, embeddings: torch.Tensor,
+                 shapes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+    """The automatic head on (B, 256, 64, 64) embeddings -> one (1 + K, H_i, W_i) logit map per slice."""
+    low_res = head(sam, embeddings)
+    return [preprocessing.logits_to_slice(low_res[index:index + 1], height, width)[0]
+            for index, (height, width) in enumerate(shapes)]
+
+
+def dice_score(prediction: np.ndarray, reference: np.ndarray) -> float:
+    """Dice of two boolean masks; 1.0 when both are empty."""
+    total = int(prediction.sum()) + int(reference.sum())
+    if total == 0:
+        return 1.0
+    return 2.0 * int(np.logical_and(prediction, reference).sum()) / total
+
+
+class ClassDice:
+    """Per-class Dice accumulated over several slices (intersection and sizes summed first)."""
+
+    def __init__(self, class_ids: Sequence[int]):
+        self.class_ids = tuple(int(value) for value in class_ids)
+        self.intersection = dict.fromkeys(self.class_ids, 0)
+        self.predicted = dict.fromkeys(self.class_ids, 0)
+        self.reference = dict.fromkeys(self.class_ids, 0)
+
+    def add(self, predicted_labels: np.ndarray, reference_labels: np.ndarray) -> None:
+        for class_id in self.class_ids:
+            predicted = predicted_labels == class_id
+            reference = reference_labels == class_id
+            self.intersection[class_id] += int(np.logical_and(predicted, reference).sum())
+            self.predicted[class_id] += int(predicted.sum())
+            self.reference[class_id] += int(reference.sum())
+
+    def per_class(self) -> dict[int, float]:
+        """Dice of every class present in the reference."""
+        return {class_id: 2.0 * self.intersection[class_id] / (self.predicted[class_id] + self.reference[class_id])
+                for class_id in self.class_ids if self.reference[class_id] > 0}
+
+    def mean(self) -> float:
+        scores = self.per_class()
+        return float(np.mean(list(scores.values()))) if scores else float("nan")
+
+
+def objects_on_slice(labels: np.ndarray, class_ids: Sequence[int]) -> list[tuple[int, np.ndarray]]:
+    """(class id, (H, W) bool mask) for every class present on a label slice."""
+    present = set(np.unique(labels).tolist())
+    return [(class_id, labels == class_id) for class_id in class_ids if class_id in present]
+
+
+@torch.no_grad()
+def predict_class_labels(head: nn.Module, sam: nn.Module, preprocessing: Preprocessing, embedding: torch.Tensor,
+                         class_ids: Sequence[int], height: int, width: int) -> np.ndarray:
+    """(1, 256, 64, 64) embedding -> (H, W) int32 label ids from the automatic head's argmax."""
+    logits = class_logits(head, sam, preprocessing, embedding, [(height, width)])[0]
+    lookup = np.array((0, *class_ids), np.int32)
+    return lookup[logits.argmax(0).cpu().numpy()]
+
+
+@torch.no_grad()
+def predict_prompted(sam: nn.Module, preprocessing: Preprocessing, embedding: torch.Tensor, mask: np.ndarray,
+                     mode: str) -> np.ndarray:
+    """The object a user would get from the tight box (``box``) or the deepest point (``point``) of ``mask``."""
+    height, width = mask.shape
+    if mode == "box":
+        logits = decode_prompts(sam, preprocessing, embedding, height, width, boxes_xyxy=box_from_mask(mask)[None])
+    else:
+        point = interior_point(mask)
+        logits = decode_prompts(sam, preprocessing, embedding, height, width, points_xy=point.reshape(1, 1, 2),
+                                point_labels=np.ones((1, 1), np.int64))
+    return (logits[0, 0] > 0).cpu().numpy()
+
+
+def score_slices(sam: nn.Module, preprocessing: Preprocessing, embeddings: Sequence[torch.Tensor],
+                 labels: Sequence[np.ndarray], class_ids: Sequence[int], modes: Sequence[str],
+                 head: nn.Module | None = None) -> dict[str, float]:
+    """Dice per mode over annotated slices; ``embeddings[i]`` (1, 256, 64, 64) belongs to ``labels[i]`` (H, W)."""
+    scores: dict[str, float] = {}
+    for mode in modes:
+        if mode in PROMPTED_MODES:
+            values = [dice_score(predict_prompted(sam, preprocessing, embedding, mask, mode), mask)
+                      for embedding, slice_labels in zip(embeddings, labels)
+                      for _, mask in objects_on_slice(slice_labels, class_ids)]
+            scores[mode] = float(np.mean(values)) if values else float("nan")
+        elif mode == "none":
+            if head is None:
+                scores[mode] = 0.0  # no automatic head yet: nothing is labelled
+                continue
+            accumulator = ClassDice(class_ids)
+            for embedding, slice_labels in zip(embeddings, labels):
+                accumulator.add(predict_class_labels(head, sam, preprocessing, embedding, class_ids,
+                                                     *slice_labels.shape), slice_labels)
+            scores[mode] = accumulator.mean()
+        else:
+            raise ValueError(f"unknown prompt mode {mode!r}")
+    return scores

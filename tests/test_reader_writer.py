@@ -1,0 +1,171 @@
+"""The npe2 reader, writers and sample data without a viewer: geometry survives a round trip."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from napari_sam_ft._layer_data import GEOMETRY_KEY, looks_like_labels, volume_from_layer
+from napari_sam_ft._reader import NO_LAYERS, get_reader, read_layers
+from napari_sam_ft._sample_data import make_ct_sample, make_mr_sample
+from napari_sam_ft._writer import write_image, write_labels
+from napari_sam_ft.sample import sample_paths
+from napari_sam_ft.volume import Volume, VolumeError
+
+
+@pytest.fixture
+def notifications():
+    from napari.utils.notifications import notification_manager
+
+    messages: list[str] = []
+
+    def record(notification):
+        messages.append(str(notification.message))
+
+    notification_manager.notification_ready.connect(record)
+    yield messages
+    notification_manager.notification_ready.disconnect(record)
+
+
+def read_one(path):
+    reader = get_reader(str(path))
+    assert reader is not None
+    layers = reader(str(path))
+    assert len(layers) == 1
+    return layers[0]
+
+
+def test_reader_accepts_only_supported_single_files(tmp_path):
+    ct_path, _ = sample_paths("ct")
+    assert get_reader(str(ct_path)) is read_layers
+    assert get_reader([str(ct_path)]) is read_layers
+    assert get_reader(str(tmp_path / "picture.png")) is None
+    assert get_reader([str(ct_path), str(ct_path)]) is None
+
+
+def test_ct_opens_as_an_image_with_scale_translate_and_geometry():
+    ct_path, labels_path = sample_paths("ct")
+    data, meta, layer_type = read_one(ct_path)
+    assert layer_type == "image" and data.shape == (30, 101, 122)
+    assert meta["scale"] == (3.0, 3.0, 3.0)
+    affine = nib.load(str(ct_path)).affine
+    # Z is the file's third voxel axis, so its origin is the affine's z translation; Y, X likewise swapped.
+    assert meta["translate"] == pytest.approx((affine[2, 3], affine[1, 3], affine[0, 3]))
+    geometry = meta["metadata"][GEOMETRY_KEY]
+    np.testing.assert_array_equal(geometry["affine"], affine)
+    assert geometry["file_axes"] == (2, 1, 0)
+    assert meta["contrast_limits"] == pytest.approx((-160.0, 240.0))  # the CT soft-tissue window
+
+    labels, labels_meta, labels_type = read_one(labels_path)
+    assert labels_type == "labels" and labels.dtype == np.uint8 and labels.shape == data.shape
+    assert labels_meta["scale"] == meta["scale"] and labels_meta["translate"] == meta["translate"]
+
+
+def test_labels_written_back_match_the_source_file_voxel_for_voxel(tmp_path):
+    _, labels_path = sample_paths("ct")
+    data, meta, _ = read_one(labels_path)
+    written = write_labels(str(tmp_path / "mask.nii.gz"), data, meta)
+    assert written == [str(tmp_path / "mask.nii.gz")]
+    source, result = nib.load(str(labels_path)), nib.load(written[0])
+    np.testing.assert_array_equal(result.affine, source.affine)
+    np.testing.assert_array_equal(np.asanyarray(result.dataobj), np.asanyarray(source.dataobj))  # file voxel order
+    assert result.get_data_dtype() == np.uint8
+
+
+def test_a_drawn_mask_round_trips_through_nifti_with_the_image_geometry(tmp_path):
+    ct_path, _ = sample_paths("ct")
+    _, image_meta, _ = read_one(ct_path)
+    mask = np.zeros((30, 101, 122), np.int32)
+    mask[10:20, 30:60, 40:90] = 3
+    mask[15, 0, 0] = 300  # needs uint16
+    path = tmp_path / "drawn.nii"
+    write_labels(str(path), mask, {"metadata": image_meta["metadata"], "scale": image_meta["scale"]})
+    assert nib.load(str(path)).get_data_dtype() == np.uint16
+    np.testing.assert_array_equal(nib.load(str(path)).affine, nib.load(str(ct_path)).affine)
+    data, meta, layer_type = read_one(path)
+    assert layer_type == "labels"
+    np.testing.assert_array_equal(data, mask)
+    assert meta["scale"] == image_meta["scale"] and meta["translate"] == image_meta["translate"]
+
+
+@pytest.mark.parametrize("suffix", [".tif", ".npy"])
+def test_layers_without_stored_geometry_are_written_with_their_scale(tmp_path, suffix):
+    mask = np.zeros((6, 20, 24), np.uint8)
+    mask[2:4, 5:15, 6:18] = 1
+    path = tmp_path / f"mask{suffix}"
+    write_labels(str(path), mask, {"metadata": {}, "scale": (2.0, 0.5, 0.5), "translate": (0.0, 0.0, 0.0)})
+    data, meta, layer_type = read_one(path)
+    assert layer_type == "labels"
+    np.testing.assert_array_equal(data, mask)
+    if suffix == ".tif":  # TIFF keeps the spacing (ImageJ metadata); .npy has none
+        assert meta["scale"] == pytest.approx((2.0, 0.5, 0.5))
+
+
+def test_image_writer_keeps_values_and_affine(tmp_path):
+    mr_path, _ = sample_paths("mr")
+    data, meta, _ = read_one(mr_path)
+    path = tmp_path / "mr_copy.nii.gz"
+    write_image(str(path), data, meta)
+    np.testing.assert_array_equal(nib.load(str(path)).affine, nib.load(str(mr_path)).affine)
+    np.testing.assert_array_equal(np.asanyarray(nib.load(str(path)).dataobj), np.asanyarray(nib.load(str(mr_path)).dataobj))
+
+
+def test_samples_give_an_image_and_its_reference_labels():
+    for make, shape in ((make_ct_sample, (30, 101, 122)), (make_mr_sample, (20, 91, 117))):
+        (image, image_meta, image_type), (labels, labels_meta, labels_type) = make()
+        assert (image_type, labels_type) == ("image", "labels")
+        assert image.shape == labels.shape == shape
+        assert labels_meta["scale"] == image_meta["scale"]
+        assert labels_meta["metadata"]["class_names"]
+    (_, _, _), (labels, meta, _) = make_ct_sample()
+    assert meta["metadata"]["class_names"][1] == "spleen" and (labels == 1).any()
+
+
+def test_a_2d_npy_gives_one_notification_and_no_layer(tmp_path, notifications):
+    path = tmp_path / "slice.npy"
+    np.save(path, np.random.default_rng(0).random((32, 32)))
+    assert read_layers(str(path)) == NO_LAYERS
+    assert len(notifications) == 1 and "is 2D" in notifications[0] and "slice.npy" in notifications[0]
+
+
+def test_a_4d_nifti_gives_one_notification_and_no_layer(tmp_path, notifications):
+    path = tmp_path / "series.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((8, 8, 6, 3)).astype(np.float32), np.eye(4)), str(path))
+    assert read_layers(str(path)) == NO_LAYERS
+    assert len(notifications) == 1 and "4D" in notifications[0] and "channel" in notifications[0]
+
+
+def test_a_damaged_file_gives_one_notification(tmp_path, notifications):
+    path = tmp_path / "broken.nii.gz"
+    path.write_bytes(b"not a nifti file")
+    assert read_layers(str(path)) == NO_LAYERS
+    assert len(notifications) == 1 and "broken.nii.gz" in notifications[0]
+
+
+def test_labels_are_told_from_scans():
+    ct = Volume(np.random.default_rng(0).integers(-1000, 1000, (4, 8, 8)).astype(np.int16))
+    assert not looks_like_labels(ct)
+    assert looks_like_labels(Volume(np.random.default_rng(0).integers(0, 5, (4, 8, 8)).astype(np.uint8)))
+    float_mask = np.random.default_rng(0).integers(0, 3, (4, 8, 8)).astype(np.float32)
+    assert not looks_like_labels(Volume(float_mask))  # a float image without a name saying otherwise
+    from pathlib import Path
+
+    assert looks_like_labels(Volume(float_mask, source_path=Path("liver_mask.nii.gz")))
+
+
+def test_layer_data_that_is_not_3d_is_refused():
+    with pytest.raises(VolumeError, match="4D"):
+        volume_from_layer(np.zeros((2, 3, 4, 5)), {})
+    with pytest.raises(VolumeError, match="2D"):
+        volume_from_layer(np.zeros((3, 4)), {})
+
+
+def test_a_nifti_layer_saved_as_tiff_reads_back_the_same(tmp_path):
+    _, labels_path = sample_paths("ct")
+    data, meta, _ = read_one(labels_path)
+    path = tmp_path / "labels.tif"
+    write_labels(str(path), data, meta)
+    again, again_meta, _ = read_one(path)
+    np.testing.assert_array_equal(again, data)
+    assert again_meta["scale"] == pytest.approx(meta["scale"])
