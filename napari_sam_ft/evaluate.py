@@ -8,9 +8,9 @@ import numpy as np
 import torch
 
 from .engine.automatic import match_instances_to_classes, segment_volume
-from .engine.predictor import CancelCheck, ProgressCallback, VolumePredictor
+from .engine.predictor import CancelCheck, Cancelled, ProgressCallback, VolumePredictor
 from .engine.prompts import box_from_mask, interior_point
-from .metrics import score_labels
+from .metrics import score_labels, score_masks
 
 PROMPT_MODES = ("box", "point", "none")
 
@@ -32,37 +32,42 @@ def parse_slice_range(text: str | None, num_slices: int) -> tuple[int, int]:
 
 def segment_with_reference_prompts(predictor: VolumePredictor, reference: np.ndarray, prompt_mode: str,
                                    slice_indices, class_ids, progress: ProgressCallback | None = None,
-                                   should_cancel: CancelCheck | None = None) -> np.ndarray:
+                                   should_cancel: CancelCheck | None = None) -> dict[int, np.ndarray]:
     """One simulated prompt per object per slice (a reference box, or one click deep inside it).
 
-    All objects of a slice are decoded in one batch; where masks overlap, the object with the higher
-    logit takes the pixel.
+    Each object is segmented on its own, as a user prompting one structure at a time would get it; all
+    objects of a slice share one batched decoder pass. Returns {class id: (Z, H, W) bool mask}.
     """
-    prediction = np.zeros(reference.shape, np.int32)
+    masks_by_class = {class_id: np.zeros(reference.shape, bool) for class_id in class_ids}
     slice_indices = list(slice_indices)
     for done, index in enumerate(slice_indices):
         if should_cancel is not None and should_cancel():
-            from .engine.predictor import Cancelled
-
             raise Cancelled("evaluation cancelled")
         present = [class_id for class_id in class_ids if (reference[index] == class_id).any()]
         if present:
-            masks = [reference[index] == class_id for class_id in present]
+            references = [reference[index] == class_id for class_id in present]
             if prompt_mode == "box":
-                boxes = np.stack([box_from_mask(mask) for mask in masks])
+                boxes = np.stack([box_from_mask(mask) for mask in references])
                 logits, _, _ = predictor.decode(index, None, None, boxes, None, multimask_output=False)
                 logits = logits[:, 0]
             else:
-                points = np.stack([interior_point(mask) for mask in masks])[:, None, :]
-                logits, scores, _ = predictor.decode(index, points, np.ones((len(masks), 1), np.float32), None, None,
-                                                     multimask_output=True)
-                logits = logits[torch.arange(len(masks)), scores.argmax(dim=1)]
-            best_logit, best_object = logits.max(dim=0)
-            lookup = torch.tensor(present, dtype=torch.int32)
-            prediction[index] = torch.where(best_logit > 0, lookup[best_object], 0).numpy()
+                points = np.stack([interior_point(mask) for mask in references])[:, None, :]
+                logits, scores, _ = predictor.decode(index, points, np.ones((len(present), 1), np.float32), None,
+                                                     None, multimask_output=True)
+                logits = logits[torch.arange(len(present)), scores.argmax(dim=1)]
+            for class_id, object_logits in zip(present, logits):
+                masks_by_class[class_id][index] = (object_logits > 0).cpu().numpy()
         if progress:
             progress(done + 1, len(slice_indices))
-    return prediction
+    return masks_by_class
+
+
+def compose_labels(masks_by_class: dict[int, np.ndarray], shape) -> np.ndarray:
+    """One label array from per-class masks; smaller structures are painted last so they stay visible."""
+    labels = np.zeros(shape, np.int32)
+    for class_id, mask in sorted(masks_by_class.items(), key=lambda item: -int(item[1].sum())):
+        labels[mask] = class_id
+    return labels
 
 
 def evaluate(predictor: VolumePredictor, reference: np.ndarray, prompt_mode: str = "box",
@@ -96,11 +101,15 @@ def evaluate(predictor: VolumePredictor, reference: np.ndarray, prompt_mode: str
             automatic = match_instances_to_classes(automatic, reference_in_range)
         prediction = np.where(in_range, automatic, 0).astype(np.int32)
     else:
-        prediction = segment_with_reference_prompts(predictor, reference_in_range, prompt_mode, slice_indices,
-                                                    class_ids, progress, should_cancel)
+        masks_by_class = segment_with_reference_prompts(predictor, reference_in_range, prompt_mode, slice_indices,
+                                                        class_ids, progress, should_cancel)
+        prediction = compose_labels(masks_by_class, reference.shape)
     seconds = time.perf_counter() - started
-    report = score_labels(prediction, reference_in_range, predictor.volume.spacing, class_ids, class_names,
-                          with_hd95=with_hd95)
+    if prompt_mode == "none":
+        report = score_labels(prediction, reference_in_range, predictor.volume.spacing, class_ids, class_names,
+                              with_hd95=with_hd95)
+    else:
+        report = score_masks(masks_by_class, reference_in_range, predictor.volume.spacing, class_names, with_hd95)
     report.update({"prompt": prompt_mode, "model": predictor.model.name, "adapter": predictor.model.adapter_id,
                    "window": predictor.window.key, "slices": [first, last], "seconds": round(seconds, 2),
                    "encoder_passes": predictor.encoder_calls})

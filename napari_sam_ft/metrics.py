@@ -44,19 +44,25 @@ def hd95(prediction: np.ndarray, reference: np.ndarray, spacing=None) -> float:
 
 def score_labels(prediction: np.ndarray, reference: np.ndarray, spacing=None, class_ids=None,
                  class_names: dict[int, str] | None = None, with_hd95: bool = True) -> dict:
-    """Per-class Dice (and HD95) of two label arrays; ``dice`` is the mean over classes in the reference.
-
-    Returns ``{"dice": mean, "hd95": mean of finite values, "per_class": {name: {"label", "dice", "hd95",
-    "reference_voxels"}}}``.
-    """
+    """Per-class Dice (and HD95) of two label arrays; ``dice`` is the mean over classes in the reference."""
     if class_ids is None:
         class_ids = [int(value) for value in np.unique(reference) if value != 0]
+    return score_masks({int(class_id): prediction == class_id for class_id in class_ids}, reference, spacing,
+                       class_names, with_hd95)
+
+
+def score_masks(masks_by_class: dict[int, np.ndarray], reference: np.ndarray, spacing=None,
+                class_names: dict[int, str] | None = None, with_hd95: bool = True) -> dict:
+    """Per-class Dice (and HD95) of one predicted mask per class against a reference label array.
+
+    Returns ``{"dice": mean over classes present in the reference, "hd95": mean of finite values,
+    "per_class": {name: {"label", "dice", "hd95", "reference_voxels"}}}``.
+    """
     per_class = {}
-    for class_id in class_ids:
+    for class_id, prediction_mask in masks_by_class.items():
         reference_mask = reference == class_id
         if not reference_mask.any():
             continue
-        prediction_mask = prediction == class_id
         name = (class_names or {}).get(int(class_id), str(int(class_id)))
         entry = {"label": int(class_id), "dice": round(dice(prediction_mask, reference_mask), 4),
                  "reference_voxels": int(reference_mask.sum())}

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from napari.layers import Image, Labels
-from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QGroupBox, QHBoxLayout, QLabel,
-                            QLineEdit, QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget)
+from qtpy.QtCore import QObject, Signal
+from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout,
+                            QLabel, QLineEdit, QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget)
 
 from ..devices import DEVICE_CHOICES
 from ..engine.automatic import AutomaticSettings
@@ -22,7 +24,19 @@ KEYS = (("s", "segment the current slice from its prompts"),
         ("c", "commit the preview into the labels layer"),
         ("Shift-S", "propagate the preview through z"),
         ("Shift-C", "clear prompts and preview"),
+        ("Ctrl-Z", "undo the last commit (labels layer undo)"),
         ("click", "positive point; Shift/Ctrl-click: negative point"))
+
+
+class _AdapterPicker(QObject):
+    """Asks for an adapter folder and says which one was chosen."""
+
+    chosen = Signal(str)
+
+    def ask(self, parent: QWidget) -> None:
+        path = QFileDialog.getExistingDirectory(parent, "LoRA adapter folder")
+        if path:
+            self.chosen.emit(path)
 
 
 @dataclass
@@ -53,6 +67,12 @@ class SegmentControls:
     cancel_button: QPushButton
     task_label: QLabel
     status_label: QLabel
+    adapter_picker: _AdapterPicker
+
+    @property
+    def adapter_chosen(self):
+        """Signal(str): the user picked an adapter folder with the "…" button."""
+        return self.adapter_picker.chosen
 
 
 def _row(*widgets: QWidget) -> QWidget:
@@ -74,7 +94,8 @@ def _combo(items, current: str, tooltip: str) -> QComboBox:
 
 def build_controls(widget: QWidget, viewer) -> SegmentControls:
     """Create the controls inside ``widget`` (a vertical layout of groups) and return them."""
-    model_combo = _combo(MODELS, DEFAULT_MODEL, "\n".join(f"{name}: {spec.description}" for name, spec in MODELS.items()))
+    model_help = "\n".join(f"{name}: {spec.description}" for name, spec in MODELS.items())
+    model_combo = _combo(MODELS, DEFAULT_MODEL, model_help)
     checkpoint_edit = QLineEdit()
     checkpoint_edit.setPlaceholderText("embedded weights")
     checkpoint_edit.setToolTip("Checkpoint file (.pth or .safetensors); required for every model but litemedsam")
@@ -92,11 +113,16 @@ def build_controls(widget: QWidget, viewer) -> SegmentControls:
         segment_button=QPushButton("Segment [s]"), commit_button=QPushButton("Commit [c]"),
         propagate_button=QPushButton("Propagate [Shift-S]"), clear_button=QPushButton("Clear [Shift-C]"),
         stop_iou_spin=QDoubleSpinBox(), range_spin=QSpinBox(),
-        grid_spin=QSpinBox(), auto_slice_button=QPushButton("Auto-segment slice"), auto_volume_button=QPushButton("Auto-segment volume"),
+        grid_spin=QSpinBox(), auto_slice_button=QPushButton("Auto-segment slice"),
+        auto_volume_button=QPushButton("Auto-segment volume"),
         progress_bar=QProgressBar(), cancel_button=QPushButton("Cancel"), task_label=QLabel(""),
-        status_label=QLabel("model not loaded"))
+        status_label=QLabel("model not loaded"), adapter_picker=_AdapterPicker(widget))
     controls.checkpoint_button.setToolTip("Choose a checkpoint file")
+    controls.checkpoint_button.clicked.connect(lambda: _ask_checkpoint(widget, checkpoint_edit))
+    controls.adapter_button.clicked.connect(lambda: controls.adapter_picker.ask(widget))
     controls.adapter_button.setToolTip("Choose an adapter folder")
+    for button in (controls.checkpoint_button, controls.adapter_button):
+        button.setMaximumWidth(32)
     controls.encode_button.setToolTip("Encode every slice in the background, so each click only decodes (~70 ms)")
     controls.label_spin.setRange(1, 2**31 - 1)
     controls.label_spin.setValue(1)
@@ -110,8 +136,15 @@ def build_controls(widget: QWidget, viewer) -> SegmentControls:
     controls.range_spin.setToolTip("Propagate at most this many slices beyond the key slices (0: whole volume)")
     controls.grid_spin.setRange(2, 64)
     controls.grid_spin.setValue(AutomaticSettings().points_per_side)
-    controls.grid_spin.setToolTip("Point prompts per side of the grid on each slice (base model only): "
-                                  "fewer is faster, more finds smaller objects")
+    controls.grid_spin.setToolTip("Point prompts per side of the grid on each slice, for point-prompted models "
+                                  "(SAM, MobileSAM): fewer is faster, more finds smaller objects. Box-trained "
+                                  "models (LiteMedSAM, MedSAM) tile boxes of several sizes instead.")
+
+    def enable_grid(model_name: str) -> None:
+        controls.grid_spin.setEnabled(getattr(MODELS.get(model_name), "automatic_prompt", "point") == "point")
+
+    model_combo.currentTextChanged.connect(enable_grid)
+    enable_grid(model_combo.currentText())
     controls.progress_bar.setRange(0, 1)
     controls.progress_bar.setValue(0)
     controls.cancel_button.setEnabled(False)
@@ -157,3 +190,16 @@ def build_controls(widget: QWidget, viewer) -> SegmentControls:
         layout.addWidget(group)
     layout.addStretch(1)
     return controls
+
+
+def _ask_checkpoint(parent: QWidget, edit: QLineEdit) -> None:
+    path, _ = QFileDialog.getOpenFileName(parent, "SAM checkpoint", "", "Checkpoints (*.pth *.pt *.safetensors)")
+    if path:
+        edit.setText(path)
+
+
+def status_text(status: dict, click_to_preview_ms: float) -> str:
+    """The status line: device, dtype, cache fill and the last latencies (from ``VolumePredictor.status()``)."""
+    click = "" if math.isnan(click_to_preview_ms) else f" · click→preview {click_to_preview_ms:.0f} ms"
+    return (f"{status['device']} · {status['dtype']} · cache {status['cached_slices']}/{status['num_slices']} slices "
+            f"({status['cache_mb']:.0f} MB) · last decode {status['last_ms']:.0f} ms{click}")

@@ -39,7 +39,7 @@ class Hookups:
             layer.mouse_drag_callbacks.insert(0, callback)
         else:
             layer.mouse_drag_callbacks.append(callback)
-        self._undo.append(lambda: callback in layer.mouse_drag_callbacks and layer.mouse_drag_callbacks.remove(callback))
+        self._undo.append(lambda: layer.mouse_drag_callbacks.remove(callback))  # ValueError if gone: ignored
 
     def on_release(self, callback: Callable[[], None]) -> None:
         self._undo.append(callback)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
 from napari.qt.threading import thread_worker
 from qtpy.QtCore import QObject, Signal
 
@@ -88,6 +90,20 @@ class BackgroundTask:
     def _finish(self, outcome: TaskOutcome) -> None:
         self.finished = True
         self._on_done(outcome)
+
+
+@contextmanager
+def torch_threads(count: int | None):
+    """Run the enclosed torch ops on ``count`` threads (None: unchanged); OpenMP keeps this per calling thread."""
+    if count is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(count)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def describe_error(error: BaseException) -> str:

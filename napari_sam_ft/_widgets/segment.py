@@ -7,23 +7,24 @@ are encoded in background workers. Commits go through napari's Labels undo histo
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QTimer
-from qtpy.QtWidgets import QFileDialog, QWidget
+from qtpy.QtWidgets import QWidget
 
 from ..engine.predictor import VolumePredictor
 from ..volume import Volume
-from ._controls import NEW_LABELS_LAYER, build_controls
+from ._controls import NEW_LABELS_LAYER, build_controls, status_text
 from ._events import Hookups
 from ._layers import (NEGATIVE, POSITIVE, PREVIEW_VALUE, LayerVolume, commit_mask, current_slice_index,
                       key_masks_for_propagation, make_boxes_layer, make_points_layer, make_preview_layer,
                       new_labels_layer, slice_prompts)
 from ._session import NO_ADAPTER, AdapterError, SegmentSession, SessionChoices, adapter_functions
 from ._tasks import TaskRunner, automatic_segmentation, propagation, report_error
-from ._workers import BackgroundTask, TaskOutcome
+from ._workers import BackgroundTask, TaskOutcome, torch_threads
 
 FINISHED_ACTIONS = ("added", "changed", "removed")  # napari also emits "adding", "changing", "removing"
 
@@ -47,6 +48,9 @@ class SegmentWidget(QWidget):
         self._pending_slice: int | None = None
         self._muted = False  # True while the widget itself edits the prompt layers
         self.last_click_to_preview_ms = float("nan")
+        # torch threads for the decoder on the GUI thread; None keeps torch's default, which measured as fast as
+        # one thread with the viewer idle and faster while encoding (benchmarks/gui_latency.py compares them).
+        self.decode_threads: int | None = None
         self._key_actions = {"s": self.segment_current_slice, "c": self.commit, "Shift-S": self.propagate,
                              "Shift-C": self.clear_prompts}
         self._hookups = Hookups(self)
@@ -58,8 +62,7 @@ class SegmentWidget(QWidget):
     def _connect_controls(self) -> None:
         c = self.controls
         c.image_combo.currentIndexChanged.connect(self._image_changed)
-        c.checkpoint_button.clicked.connect(self._choose_checkpoint)
-        c.adapter_button.clicked.connect(self._choose_adapter)
+        c.adapter_chosen.connect(self.set_adapter)
         c.adapter_combo.currentTextChanged.connect(self._adapter_changed)
         c.encode_button.clicked.connect(self.encode_volume)
         c.negative_check.toggled.connect(lambda _checked: self._reset_point_sign())
@@ -74,16 +77,6 @@ class SegmentWidget(QWidget):
     def _bind_keys(self, provider) -> None:
         for key, action in self._key_actions.items():
             self._hookups.bind_key(provider, key, lambda _provider, action=action: action())
-
-    def _choose_checkpoint(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "SAM checkpoint", "", "Checkpoints (*.pth *.pt *.safetensors)")
-        if path:
-            self.controls.checkpoint_edit.setText(path)
-
-    def _choose_adapter(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, "LoRA adapter folder")
-        if path:
-            self.set_adapter(path)
 
     # -- state -------------------------------------------------------------------------------------
     @property
@@ -136,7 +129,8 @@ class SegmentWidget(QWidget):
                 raise ValueError("add or open a 3D image first")
             return self._layer_volume.get(image)
         except ValueError as error:
-            message = f"napari-sam-ft cannot segment layer {image.name!r}: {error}" if image else f"napari-sam-ft: {error}"
+            where = f" cannot segment layer {image.name!r}" if image is not None else ""
+            message = f"napari-sam-ft{where}: {error}"
             if notify:
                 show_error(message)
             else:
@@ -157,11 +151,12 @@ class SegmentWidget(QWidget):
             self._preview = make_preview_layer(self._viewer, image)
             self._boxes = make_boxes_layer(self._viewer, image)
             self._points = make_points_layer(self._viewer, image)  # added last: the active layer for clicks
-            self._hookups.connect(self._points.events.data, self._on_points_changed)
-            self._hookups.connect(self._boxes.events.data, self._on_boxes_changed)
+            for layer in (self._points, self._boxes):
+                self._hookups.connect(layer.events.data, partial(self._on_prompts_changed, layer))
             self._hookups.add_mouse_callback(self._points, self._pick_point_sign)  # before napari's "add point"
             for layer in (self._points, self._boxes, self._preview):
                 self._bind_keys(layer)  # the active layer's keys come first; ours must win over "s" = select
+                self._hookups.bind_key(layer, "Control-Z", lambda _layer: self.undo())
             self._reset_point_sign()
         return self._points, self._boxes, self._preview
 
@@ -183,21 +178,14 @@ class SegmentWidget(QWidget):
         if self._points is not None:
             self._points.feature_defaults["prompt"] = NEGATIVE if self.controls.negative_check.isChecked() else POSITIVE
 
-    def _on_points_changed(self, event) -> None:
+    def _on_prompts_changed(self, layer, event) -> None:
+        """A point or box was added, moved or deleted: re-segment the slice it is on."""
         if self._muted or str(event.action) not in FINISHED_ACTIONS:
             return
         started = time.perf_counter()
-        added = str(event.action) == "added" and len(self._points.data) > 0
-        self._reset_point_sign()
-        z = int(np.rint(self._points.data[-1][0])) if added else self._current_slice()
-        self._segment_prompted_slice(z, started)
-
-    def _on_boxes_changed(self, event) -> None:
-        if self._muted or str(event.action) not in FINISHED_ACTIONS:
-            return
-        started = time.perf_counter()
-        added = str(event.action) == "added" and len(self._boxes.data) > 0
-        z = int(np.rint(np.asarray(self._boxes.data[-1])[:, 0].mean())) if added else self._current_slice()
+        self._reset_point_sign()  # after a Shift/Ctrl-click
+        added = str(event.action) == "added" and len(layer.data) > 0
+        z = int(np.rint(np.asarray(layer.data[-1])[..., 0].mean())) if added else self._current_slice()
         self._segment_prompted_slice(z, started)
 
     def _current_slice(self) -> int:
@@ -224,8 +212,9 @@ class SegmentWidget(QWidget):
         # One point is ambiguous (part or whole?): let SAM pick the best of its three masks.
         single_point = prompts.points_xy is not None and len(prompts.points_xy) == 1
         try:
-            prediction = predictor.predict(point_coords=prompts.points_xy, point_labels=prompts.point_labels,
-                                           box=prompts.box_xyxy, multimask_output=single_point, slice_index=z)
+            with torch_threads(self.decode_threads):
+                prediction = predictor.predict(point_coords=prompts.points_xy, point_labels=prompts.point_labels,
+                                               box=prompts.box_xyxy, multimask_output=single_point, slice_index=z)
         except Exception as error:
             report_error(self.controls, f"segmenting slice {z}", error)
             return
@@ -297,6 +286,12 @@ class SegmentWidget(QWidget):
         self.controls.task_label.setText(f"committed {changed} voxels as label {label_id} into {labels.name!r}{note}")
         self.clear_prompts()
 
+    def undo(self) -> None:
+        """Undo the labels layer's last edit, e.g. a commit (Ctrl-Z while a SAM layer is selected)."""
+        labels = self.target_labels_layer(create=False)
+        if labels is not None:
+            labels.undo()
+
     def clear_prompts(self) -> None:
         """Remove every point and box and empty the preview (key ``Shift-C``)."""
         if self._points is None or self._points not in self._viewer.layers:
@@ -365,14 +360,8 @@ class SegmentWidget(QWidget):
     # -- status ------------------------------------------------------------------------------------
     def _update_status(self) -> None:
         predictor = self.predictor
-        if predictor is None:
-            return
-        status = predictor.status()
-        click = self.last_click_to_preview_ms
-        click_text = "" if np.isnan(click) else f" · click→preview {click:.0f} ms"
-        self.controls.status_label.setText(
-            f"{status['device']} · {status['dtype']} · cache {status['cached_slices']}/{status['num_slices']} slices "
-            f"({status['cache_mb']:.0f} MB) · last decode {status['last_ms']:.0f} ms{click_text}")
+        if predictor is not None:
+            self.controls.status_label.setText(status_text(predictor.status(), self.last_click_to_preview_ms))
 
     def _cancel_background_work(self) -> None:
         for task in (self.tasks.task, self._slice_task):

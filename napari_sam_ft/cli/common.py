@@ -66,7 +66,7 @@ def progress_bar(description: str, total: int):
     from tqdm import tqdm
 
     with tqdm(total=total, desc=description, unit="slice", file=sys.stderr, leave=False,
-              disable=not sys.stderr.isatty() and total == 0) as bar:
+              disable=not sys.stderr.isatty()) as bar:
         def update(done: int, new_total: int, *_) -> None:
             if bar.total != new_total:
                 bar.total = new_total

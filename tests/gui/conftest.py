@@ -6,15 +6,21 @@ Run under a display: xvfb-run -a -s "-screen 0 1280x1024x24" .venv/bin/python -m
 from __future__ import annotations
 
 import os
+import sys
 
-import numpy as np
 import pytest
 
 from napari_sam_ft.engine.cache import EmbeddingCache
 
-# Central CT slice and two organs the reference labels hold there (see napari_sam_ft/data/class_names.json).
-SLICE = 15
-SPLEEN, LIVER = 1, 5
+from .helpers import SLICE
+
+
+@pytest.fixture(scope="session", autouse=True)
+def display_available():
+    """Fail with instructions, rather than crash Qt, when there is no display to draw on."""
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        pytest.fail('the GUI tests need a display: run them as xvfb-run -a -s "-screen 0 1280x1024x24" '
+                    ".venv/bin/python -m pytest tests/gui", pytrace=False)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -40,6 +46,7 @@ def shared_session(isolated_embedding_cache):
 
 @pytest.fixture
 def ct_viewer(make_napari_viewer):
+    """A viewer with the sample CT and its reference labels, on the central slice."""
     viewer = make_napari_viewer()
     viewer.open_sample("napari-sam-ft", "ct")
     viewer.dims.set_current_step(0, SLICE)
@@ -71,10 +78,3 @@ def notifications():
     notification_manager.notification_ready.connect(record)
     yield messages
     notification_manager.notification_ready.disconnect(record)
-
-
-def rectangle(slice_index: int, box_xyxy) -> np.ndarray:
-    """A napari Shapes rectangle (4, 3) in (z, y, x) for a SAM (x_min, y_min, x_max, y_max) box."""
-    x0, y0, x1, y1 = (float(value) for value in box_xyxy)
-    return np.array([[slice_index, y0, x0], [slice_index, y0, x1], [slice_index, y1, x1], [slice_index, y1, x0]])
-

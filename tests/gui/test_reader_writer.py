@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import nibabel as nib
 import numpy as np
+import pytest
 
 from napari_sam_ft._layer_data import GEOMETRY_KEY
 from napari_sam_ft.sample import sample_paths
 
 PLUGIN = "napari-sam-ft"
+pytestmark = pytest.mark.gui
 
 
 def test_open_keeps_the_affine_as_scale_and_translate(make_napari_viewer):

@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
+import pytest
 from napari.utils._proxies import ReadOnlyWrapper
 from napari.utils.interactions import mouse_press_callbacks, mouse_release_callbacks
 
 from napari_sam_ft._layer_data import GEOMETRY_KEY
 from napari_sam_ft._widgets._layers import NEGATIVE, POSITIVE
 from napari_sam_ft._widgets.segment import SegmentWidget
-from napari_sam_ft.engine import automatic
 from napari_sam_ft.engine.prompts import box_from_mask, interior_point
 from napari_sam_ft.metrics import dice
 
-from .conftest import LIVER, SLICE, SPLEEN, rectangle
+from .helpers import LIVER, SLICE, SPLEEN, rectangle
 
 WORKER_TIMEOUT_MS = 120_000
+pytestmark = pytest.mark.gui
 
 
 @dataclass
@@ -152,20 +153,31 @@ def test_propagation_fills_neighbouring_slices_into_the_preview(segment_widget, 
     assert not preview[SLICE - 3].any() and not preview[SLICE + 3].any()  # outside the chosen range
     assert "propagate done" in segment_widget.controls.task_label.text()
 
+    # Committing the propagated object is one edit: Ctrl-Z (with the points layer active) removes all of it.
+    segment_widget.controls.label_spin.setValue(SPLEEN)
+    segment_widget.commit()
+    labels = segment_widget.target_labels_layer(create=False)
+    assert labels.name == "sample CT labels"
+    committed = np.asarray(labels.data) == SPLEEN
+    np.testing.assert_array_equal(committed.any(axis=(1, 2)), preview.any(axis=(1, 2)))
+    viewer.layers.selection.active = segment_widget.prompt_layers()[0]
+    handler = viewer.window._qt_viewer._key_map_handler
+    handler.press_key("Control-Z")
+    handler.release_key("Control-Z")
+    assert not np.asarray(labels.data).any()
 
-def test_auto_segment_slice_adds_a_new_layer_with_the_engine_result(segment_widget, qtbot):
+
+def test_auto_segment_slice_adds_a_new_layer(segment_widget, qtbot):
     viewer = segment_widget._viewer
     names_before = [layer.name for layer in viewer.layers]
     reference_before = np.array(viewer.layers["sample CT reference"].data, copy=True)
-    segment_widget.controls.grid_spin.setValue(4)  # 16 prompts: a quick run on 2 CPU cores
+    assert not segment_widget.controls.grid_spin.isEnabled()  # LiteMedSAM is prompted with a box grid
     segment_widget.auto_segment(whole_volume=False)
     qtbot.waitUntil(lambda: segment_widget.idle, timeout=WORKER_TIMEOUT_MS)
     added = [layer for layer in viewer.layers if layer.name not in names_before]
     assert [layer.name for layer in added] == [f"sample CT auto-segmentation slice {SLICE}"]
     labels = np.asarray(added[0].data)
-    expected = automatic.segment_slice(segment_widget.predictor, SLICE,
-                                       replace(automatic.AutomaticSettings(), points_per_side=4))
-    np.testing.assert_array_equal(labels[SLICE], expected)
+    assert len(np.unique(labels[SLICE])) > 3  # background and several organs
     assert labels.shape == (30, 101, 122) and not np.delete(labels, SLICE, axis=0).any()
     assert tuple(added[0].scale) == tuple(viewer.layers["sample CT"].scale)
     assert GEOMETRY_KEY in added[0].metadata  # saves in the scan's affine

@@ -1,0 +1,368 @@
+"""The "Fine-tune" panel: train an adapter on the slices the user annotated, watch it learn, then use it.
+
+Training runs ``finetune.train_adapter`` in a napari thread worker; its ``progress`` callback reaches the
+GUI thread through a queued Qt signal and Cancel sets the flag its ``should_cancel`` polls (the run stops
+within one step and keeps the best adapter so far). "Use this adapter" hands the folder to the docked
+Segment panel through its public ``set_adapter(adapter_dir)``. "Learn from my corrections" retrains on
+the previous slices plus every slice whose labels changed since the last adapt.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from napari.layers import Image, Labels
+from napari.qt.threading import thread_worker
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import QObject, Signal
+from qtpy.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QLineEdit, QListWidget,
+                            QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget)
+
+from ..finetune.data import FinetuneDataError, VolumeAnnotations, annotated_slices, build_training_data, parse_slice_list
+from ..finetune.scopes import SCOPES
+from ..finetune.train import PROMPT_MODES, TrainingResult, TrainSettings, train_adapter
+from ._layer_combo import LayerComboBox
+from .finetune_corrections import CorrectionTracker
+from .finetune_plot import TrainingPlot
+
+PROMPT_LABELS = {"mixed": "mixed (automatic + prompts)", "box": "box", "point": "point", "none": "none (automatic)"}
+SKIPPED_LABEL_LAYERS = ("SAM preview",)  # the segment panel's preview is not an annotation
+
+
+def default_adapter_folder(image_name: str, scope: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path.home() / "napari-sam-ft" / "adapters" / f"{image_name or 'volume'}-{scope}-{stamp}"
+
+
+def find_segment_panel(viewer, exclude=None):
+    """The docked widget that accepts adapters (has ``set_adapter``), or None."""
+    window = viewer.window
+    docked = getattr(window, "dock_widgets", None)
+    widgets = list(docked.values()) if docked is not None else [dock.widget() for dock in window._dock_widgets.values()]
+    for widget in widgets:
+        for candidate in (widget, *widget.findChildren(QWidget)) if isinstance(widget, QWidget) else (widget,):
+            if candidate is not exclude and callable(getattr(candidate, "set_adapter", None)):
+                return candidate
+    return None
+
+
+class _ProgressRelay(QObject):
+    """Carries ``progress(step, total, metrics)`` from the training thread to the GUI thread."""
+
+    progressed = Signal(int, int, object)
+
+
+class FinetuneWidget(QWidget):
+    """Dock widget: image/labels pairs, slices, scope, prompt mode, budget, output folder; Train / Cancel.
+
+    ``model``: the base model to adapt (default: the Segment panel's model if one is docked, else the
+    default model, loaded on the first run). ``extra_settings`` holds further ``TrainSettings`` fields for
+    scripts and tests.
+    """
+
+    def __init__(self, napari_viewer, model=None, parent=None):
+        super().__init__(parent)
+        self._viewer = napari_viewer
+        self._model = model
+        self.extra_settings: dict = {}
+        self.tracker = CorrectionTracker()
+        self.result: TrainingResult | None = None
+        self.running = False
+        self._cancel = threading.Event()
+        self._worker = None
+        self._relay = _ProgressRelay()
+        self._relay.progressed.connect(self._on_progress)
+        # id(labels layer) -> (training slices, validation slices) of the last run
+        self._last_split: dict[int, tuple[list[int], list[int]]] = {}
+        self._correction_runs = 0
+        self._build_ui()
+
+    # -- layout -----------------------------------------------------------------------------------
+    def _build_ui(self) -> None:
+        viewer = self._viewer
+        self.image_combo = LayerComboBox(viewer, Image)
+        self.labels_combo = LayerComboBox(viewer, Labels, exclude_names=SKIPPED_LABEL_LAYERS)
+        self.pairs_list = QListWidget()
+        self.pairs_list.setMaximumHeight(60)
+        self.pairs_list.setToolTip("extra image/labels pairs trained together (empty: just the pair above)")
+        add_pair, remove_pair = QPushButton("add pair"), QPushButton("remove")
+        add_pair.clicked.connect(self.add_current_pair)
+        remove_pair.clicked.connect(lambda: self.pairs_list.takeItem(self.pairs_list.currentRow()))
+        self.slices_edit = QLineEdit()
+        self.slices_edit.setPlaceholderText("every annotated slice")
+        self.slices_edit.setToolTip("slices you reviewed, e.g. 62,70,78 or 60:80 (A..B-1); unlabelled slices are "
+                                    "never used unless listed here")
+        self.validation_edit = QLineEdit()
+        self.validation_edit.setPlaceholderText("automatic (20%, at least 1)")
+        self.scope_combo = QComboBox()
+        self.scope_combo.addItems(SCOPES)
+        self.scope_combo.setToolTip("lora: LoRA on encoder and decoder attention; decoder: the mask decoder only "
+                                    "(fastest); full: every weight")
+        self.prompt_combo = QComboBox()
+        for mode in PROMPT_MODES[::-1]:  # mixed first
+            self.prompt_combo.addItem(PROMPT_LABELS[mode], mode)
+        defaults = TrainSettings()
+        self.epochs_spin = QSpinBox()
+        self.epochs_spin.setRange(1, 1000)
+        self.epochs_spin.setValue(defaults.epochs)
+        self.epochs_spin.setToolTip("passes over the training slices with the encoder tuned (decoder scope: passes "
+                                    "over the cached views)")
+        self.budget_spin = QSpinBox()
+        self.budget_spin.setRange(0, 24 * 3600)
+        self.budget_spin.setSingleStep(30)
+        self.budget_spin.setSuffix(" s")
+        self.budget_spin.setSpecialValueText("no limit")
+        self.budget_spin.setValue(int(defaults.time_budget_s))
+        self.output_edit = QLineEdit()
+        self.output_edit.setPlaceholderText("~/napari-sam-ft/adapters/<image>-<scope>-<time>")
+        browse = QPushButton("…")
+        browse.setMaximumWidth(30)
+        browse.clicked.connect(self._browse_output)
+        self.train_button = QPushButton("Train")
+        self.cancel_button = QPushButton("Cancel")
+        self.corrections_button = QPushButton("Learn from my corrections")
+        self.corrections_button.setToolTip("retrain on the last run's slices plus every slice you changed since")
+        self.use_button = QPushButton("Use this adapter")
+        self.use_button.setToolTip("activate the new adapter in the Segment panel")
+        self.train_button.clicked.connect(lambda: self.start_training())
+        self.cancel_button.clicked.connect(self.cancel)
+        self.corrections_button.clicked.connect(self.learn_from_corrections)
+        self.use_button.clicked.connect(self.use_adapter)
+        self.progress_bar = QProgressBar()
+        self.progress_bar.setRange(0, 1000)
+        self.progress_bar.setTextVisible(False)
+        self.status_label = QLabel("annotate at least 2 slices, then Train")
+        self.status_label.setWordWrap(True)
+        self.result_label = QLabel("")
+        self.result_label.setWordWrap(True)
+        self.plot = TrainingPlot(self)
+
+        form = QFormLayout()
+        form.addRow("image", self.image_combo)
+        form.addRow("labels", self.labels_combo)
+        form.addRow(_row(add_pair, remove_pair))
+        form.addRow(self.pairs_list)
+        form.addRow("slices", self.slices_edit)
+        form.addRow("validation", self.validation_edit)
+        form.addRow("scope", self.scope_combo)
+        form.addRow("prompt mode", self.prompt_combo)
+        form.addRow("epochs", self.epochs_spin)
+        form.addRow("time budget", self.budget_spin)
+        form.addRow("output", _row(self.output_edit, browse))
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addWidget(_row(self.train_button, self.cancel_button))
+        layout.addWidget(self.progress_bar)
+        layout.addWidget(self.status_label)
+        layout.addWidget(self.plot)
+        layout.addWidget(self.result_label)
+        layout.addWidget(_row(self.use_button, self.corrections_button))
+        self._set_running(False)
+
+    def _browse_output(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Folder for the adapter")
+        if path:
+            self.output_edit.setText(path)
+
+    def _set_running(self, running: bool) -> None:
+        self.running = running
+        self.train_button.setEnabled(not running)
+        self.corrections_button.setEnabled(not running and self.result is not None)
+        self.cancel_button.setEnabled(running)
+        self.use_button.setEnabled(not running and self.result is not None and self.result.adapter_dir is not None)
+
+    # -- inputs -------------------------------------------------------------------------------------
+    def add_current_pair(self) -> None:
+        image, labels = self.image_combo.current_layer(), self.labels_combo.current_layer()
+        if image is None or labels is None:
+            show_error("choose an image and a labels layer first")
+            return
+        self.pairs_list.addItem(f"{image.name}  ⟶  {labels.name}")
+        self.pairs_list.item(self.pairs_list.count() - 1).setData(256, (image.name, labels.name))
+
+    def pairs(self) -> list[tuple[Image, Labels]]:
+        """The (image, labels) layers to train on: the listed pairs, or else the pair chosen above."""
+        chosen = [self.pairs_list.item(row).data(256) for row in range(self.pairs_list.count())]
+        layers = {layer.name: layer for layer in self._viewer.layers}
+        pairs = [(layers.get(image), layers.get(labels)) for image, labels in chosen]
+        if not chosen:
+            pairs = [(self.image_combo.current_layer(), self.labels_combo.current_layer())]
+        missing = [index for index, (image, labels) in enumerate(pairs) if image is None or labels is None]
+        if missing:
+            raise FinetuneDataError("choose an image and a labels layer (a listed layer was removed or renamed)")
+        return pairs
+
+    def settings(self) -> TrainSettings:
+        scope = self.scope_combo.currentText()
+        epochs = {"decoder_epochs": self.epochs_spin.value()} if scope == "decoder" else {"epochs": self.epochs_spin.value()}
+        values = dict(scope=scope, prompt_mode=self.prompt_combo.currentData(),
+                      time_budget_s=float(self.budget_spin.value()) or None, **epochs)
+        values.update(self.extra_settings)
+        return TrainSettings(**values)
+
+    # -- training -----------------------------------------------------------------------------------
+    def start_training(self, slices_per_pair: list[list[int]] | None = None, output: Path | None = None,
+                       validation_per_pair: list[list[int]] | None = None) -> bool:
+        """Collect the annotations and train in a worker; False (with a notification) if inputs are wrong."""
+        if self.running:
+            return False
+        try:
+            pairs = self.pairs()
+            annotations = [VolumeAnnotations(image.data, labels.data, name=image.name) for image, labels in pairs]
+            if slices_per_pair is None and self.slices_edit.text().strip():
+                slices_per_pair = [parse_slice_list(self.slices_edit.text(), image.data.shape[0]) for image, _ in pairs]
+            validation = validation_per_pair
+            if validation is None and self.validation_edit.text().strip():
+                validation = [parse_slice_list(self.validation_edit.text(), image.data.shape[0])
+                              for image, _ in pairs]
+            names = {}
+            for _, labels in pairs:
+                names.update({int(key): str(value) for key, value in labels.metadata.get("class_names", {}).items()})
+            data = build_training_data(annotations, slices=slices_per_pair, validation_slices=validation,
+                                       class_names=names)
+            settings = self.settings()
+        except (FinetuneDataError, ValueError) as error:
+            show_error(f"fine-tuning: {error}")
+            return False
+        if output is None:
+            text = self.output_edit.text().strip()
+            output = Path(text).expanduser() if text else default_adapter_folder(pairs[0][0].name, settings.scope)
+        used = {id(labels): ([s.slice_index for s in data.train if s.volume_index == index],
+                             [s.slice_index for s in data.validation if s.volume_index == index])
+                for index, (_, labels) in enumerate(pairs)}
+        self._launch(data, settings, output, [labels for _, labels in pairs], used)
+        return True
+
+    def _launch(self, data, settings, output: Path, labels_layers, used_slices) -> None:
+        self._cancel.clear()
+        self.result = None
+        self.plot.clear()
+        self.progress_bar.setValue(0)
+        self.result_label.setText("")
+        self.status_label.setText(f"preparing: {data.describe()}")
+        self._set_running(True)
+        base_model = self._model or self._segment_model()
+
+        def work() -> TrainingResult:
+            from ..models.registry import load_model
+
+            model = base_model or load_model()
+            self._model = model
+            return train_adapter(model, data, output, settings, progress=self._relay.progressed.emit,
+                                 should_cancel=self._cancel.is_set)
+
+        def finished(result: TrainingResult) -> None:
+            for layer in labels_layers:  # corrections are counted from this adapt on
+                self.tracker.snapshot(layer)
+                self._last_split[id(layer)] = used_slices[id(layer)]
+            self._show_result(result)
+
+        self._worker = thread_worker(work, start_thread=False)()
+        self._worker.returned.connect(finished)
+        self._worker.errored.connect(self._on_error)
+        self._worker.start()
+
+    def _segment_model(self):
+        """The Segment panel's model, so the adapter fits the model it will be used with."""
+        panel = find_segment_panel(self._viewer, exclude=self)
+        predictor = getattr(panel, "predictor", None) if panel is not None else None
+        return getattr(predictor, "model", None)
+
+    def cancel(self) -> None:
+        """Stop after the current step; the best adapter so far is saved."""
+        if self.running:
+            self._cancel.set()
+            self.status_label.setText("cancelling after this step…")
+
+    def _on_progress(self, step: int, total: int, metrics: dict) -> None:
+        self.progress_bar.setValue(int(1000 * metrics.get("fraction", 0.0)))
+        phase = metrics.get("phase", "")
+        if phase == "encoding":
+            self.status_label.setText(f"encoding views {metrics['encoded']}/{metrics['to_encode']}")
+            return
+        if "val_dice" in metrics:
+            self.plot.add_validation(step, metrics["val_dice"])
+        elif "loss" in metrics:
+            self.plot.add_loss(step, metrics["loss"])
+        best = metrics.get("best_val_dice")
+        best_text = f", best val Dice {best:.3f}" if best is not None else ""
+        loss_text = f", loss {metrics['loss']:.3f}" if "loss" in metrics else ""
+        self.status_label.setText(f"{phase} step {step}{loss_text}{best_text} ({metrics.get('elapsed_s', 0):.0f} s)")
+
+    def _show_result(self, result: TrainingResult) -> None:
+        self.result = result
+        self._set_running(False)
+        self.progress_bar.setValue(1000)
+        if result.adapter_dir is None:
+            self.status_label.setText("cancelled before any training step: no adapter was written")
+            return
+        changes = ", ".join(f"{'automatic' if mode == 'none' else mode} "
+                            f"{result.val_dice_before.get(mode, float('nan')):.2f} → {after:.2f}"
+                            for mode, after in result.val_dice_after.items())
+        self.status_label.setText(f"{'cancelled' if result.cancelled else 'done'} ({result.stopped}) after "
+                                  f"{result.steps} steps in {result.seconds:.0f} s")
+        self.result_label.setText(f"validation Dice: {changes}\nadapter {result.adapter_id} "
+                                  f"({result.adapter_bytes / 2**20:.1f} MB, {result.trainable_parameters:,} trained "
+                                  f"parameters) in {result.adapter_dir}")
+
+    def _on_error(self, error: BaseException) -> None:
+        self._set_running(False)
+        self.status_label.setText("training failed")
+        show_error(f"fine-tuning failed: {error}")
+
+    # -- after training -------------------------------------------------------------------------------
+    def use_adapter(self) -> None:
+        """Activate the last adapter in the Segment panel (opening the panel if needed)."""
+        if self.result is None or self.result.adapter_dir is None:
+            show_info("train an adapter first")
+            return
+        panel = find_segment_panel(self._viewer, exclude=self)
+        if panel is None:
+            try:
+                _, panel = self._viewer.window.add_plugin_dock_widget("napari-sam-ft", "Segment")
+            except (KeyError, ValueError, RuntimeError) as error:
+                show_error(f"open the Segment panel to use the adapter ({error})")
+                return
+        panel.set_adapter(str(self.result.adapter_dir))
+        show_info(f"the Segment panel now uses adapter {self.result.adapter_id}")
+
+    def learn_from_corrections(self) -> bool:
+        """Retrain on the last run's slices plus the slices changed since (an erased slice counts too)."""
+        if self.result is None or self.running:
+            show_info("train once first; corrections are counted from the last adapt")
+            return False
+        try:
+            pairs = self.pairs()
+        except FinetuneDataError as error:
+            show_error(f"fine-tuning: {error}")
+            return False
+        changed = {id(labels): self.tracker.changed_slices(labels) if self.tracker.is_tracking(labels) else []
+                   for _, labels in pairs}
+        if not any(changed.values()):
+            show_info("no labels changed since the last adapt: correct some slices first")
+            return False
+        # Corrected slices are trained on; the last run's validation slices stay held out unless corrected.
+        slices, validation = [], []
+        for _, labels in pairs:
+            train, held_out = self._last_split.get(id(labels), (annotated_slices(labels.data), []))
+            corrected = set(changed[id(labels)])
+            kept = [index for index in held_out if index not in corrected]
+            slices.append(sorted(set(train) | set(held_out) | corrected))
+            validation.append(kept)
+        self._correction_runs += 1
+        previous = self.result.adapter_dir
+        output = (previous.with_name(f"{previous.name.split('-corrected')[0]}-corrected-{self._correction_runs}")
+                  if previous else None)
+        return self.start_training(slices_per_pair=slices, output=output,
+                                   validation_per_pair=validation if all(validation) else None)
+
+
+def _row(*widgets) -> QWidget:
+    row = QWidget()
+    layout = QHBoxLayout(row)
+    layout.setContentsMargins(0, 0, 0, 0)
+    for widget in widgets:
+        layout.addWidget(widget)
+    return row

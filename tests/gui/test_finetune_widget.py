@@ -1,0 +1,128 @@
+"""The Fine-tune panel in a real viewer: train from a Labels layer, activate the adapter, learn from corrections."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_sam_ft._widgets.finetune import FinetuneWidget, find_segment_panel
+from napari_sam_ft._widgets.finetune_corrections import CorrectionTracker
+from napari_sam_ft.finetune.adapters import read_adapter_info
+
+from .helpers import LIVER, SLICE, SPLEEN
+
+WORKER_TIMEOUT_MS = 180_000
+ANNOTATED = [9, SLICE, 21]
+pytestmark = pytest.mark.gui
+
+
+def annotations_layer(viewer):
+    """What a user painted: spleen and liver on three slices, nothing elsewhere."""
+    reference = np.asarray(viewer.layers["sample CT reference"].data)
+    data = np.zeros(reference.shape, np.int32)
+    for z in ANNOTATED:
+        data[z] = np.where(np.isin(reference[z], [SPLEEN, LIVER]), reference[z], 0)
+    image = viewer.layers["sample CT"]
+    return viewer.add_labels(data, name="my annotations", scale=image.scale, translate=image.translate,
+                             metadata={"class_names": {SPLEEN: "spleen", LIVER: "liver"}})
+
+
+@pytest.fixture
+def panel(segment_widget, qtbot, tmp_path):
+    viewer = segment_widget._viewer
+    labels = annotations_layer(viewer)
+    widget = FinetuneWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Fine-tune")
+    widget.image_combo.select_layer(viewer.layers["sample CT"])
+    widget.labels_combo.select_layer(labels)
+    widget.scope_combo.setCurrentText("decoder")
+    widget.epochs_spin.setValue(2)
+    widget.budget_spin.setValue(0)
+    # Few, small steps: one view per slice, one prompted object per view.
+    widget.extra_settings = {"views_per_slice": 1, "max_objects_per_slice": 1, "patience": 100}
+    widget.output_edit.setText(str(tmp_path / "adapter"))
+    yield widget
+    widget.cancel()
+    qtbot.waitUntil(lambda: not widget.running, timeout=WORKER_TIMEOUT_MS)
+
+
+def test_panel_trains_from_labels_and_activates_the_adapter(panel, segment_widget, qtbot, tmp_path):
+    assert find_segment_panel(panel._viewer, exclude=panel) is segment_widget
+    panel.train_button.click()
+    assert panel.running and not panel.train_button.isEnabled() and panel.cancel_button.isEnabled()
+    qtbot.waitUntil(lambda: panel.result is not None, timeout=WORKER_TIMEOUT_MS)
+    result = panel.result
+    assert result.adapter_dir == tmp_path / "adapter" and result.stopped == "epochs"
+    assert panel.progress_bar.value() == 1000
+    assert len(panel.plot.loss_points) == result.steps == 2  # 2 training slices, batch 2, 2 epochs
+    assert len(panel.plot.dice_points) == 3  # before training and after each epoch
+    assert "→" in panel.result_label.text() and "automatic" in panel.result_label.text()
+    info = read_adapter_info(result.adapter_dir)
+    assert info.class_ids == (SPLEEN, LIVER) and info.class_names == {SPLEEN: "spleen", LIVER: "liver"}
+    assert sorted(s for _, s in info.metadata["training"]["train_slices"] + info.metadata["training"][
+        "validation_slices"]) == ANNOTATED
+
+    assert panel.use_button.isEnabled()
+    panel.use_button.click()
+    assert segment_widget.controls.adapter_combo.currentText() == str(result.adapter_dir)
+    qtbot.waitUntil(lambda: segment_widget.idle, timeout=WORKER_TIMEOUT_MS)
+    # Automatic segmentation in the Segment panel now runs the adapter's class head: class ids, not instances.
+    segment_widget.auto_segment(whole_volume=False)
+    qtbot.waitUntil(lambda: segment_widget.idle, timeout=WORKER_TIMEOUT_MS)
+    assert segment_widget.predictor.model.adapter_id == result.adapter_id
+    auto_layer = panel._viewer.layers[f"sample CT auto-segmentation slice {SLICE}"]
+    assert set(np.unique(auto_layer.data[SLICE])) <= {0, SPLEEN, LIVER}
+    segment_widget.set_adapter(None)  # leave the shared model without the adapter for later tests
+    qtbot.waitUntil(lambda: segment_widget.idle, timeout=WORKER_TIMEOUT_MS)
+
+
+def test_learn_from_corrections_retrains_on_the_changed_slices(panel, qtbot, notifications):
+    assert not panel.learn_from_corrections()  # nothing trained yet
+    panel.train_button.click()
+    qtbot.waitUntil(lambda: panel.result is not None, timeout=WORKER_TIMEOUT_MS)
+    first = panel.result
+    assert not panel.learn_from_corrections()  # nothing corrected yet
+    assert any("no labels changed" in str(n.message) for n in notifications)
+
+    labels = panel.labels_combo.current_layer()
+    reference = np.asarray(panel._viewer.layers["sample CT reference"].data)
+    corrected = labels.data.copy()
+    corrected[12] = np.where(reference[12] == LIVER, LIVER, 0)  # the user fixed slice 12
+    labels.data = corrected
+    assert panel.learn_from_corrections()
+    qtbot.waitUntil(lambda: panel.result is not None and not panel.running, timeout=WORKER_TIMEOUT_MS)
+    second = panel.result
+    assert second.adapter_dir != first.adapter_dir and second.adapter_dir.name.endswith("-corrected-1")
+    training = read_adapter_info(second.adapter_dir).metadata["training"]
+    assert [0, 12] in training["train_slices"]
+    first_validation = read_adapter_info(first.adapter_dir).metadata["training"]["validation_slices"]
+    assert training["validation_slices"] == first_validation  # the held-out slice stays held out
+
+
+def test_cancel_keeps_the_panel_usable(panel, qtbot):
+    panel.extra_settings = {**panel.extra_settings, "views_per_slice": 3, "batch_size": 1}
+    panel.epochs_spin.setValue(50)
+    panel.train_button.click()
+    qtbot.waitUntil(lambda: len(panel.plot.loss_points) >= 1, timeout=WORKER_TIMEOUT_MS)
+    steps_seen = len(panel.plot.loss_points)
+    panel.cancel_button.click()
+    qtbot.waitUntil(lambda: not panel.running, timeout=WORKER_TIMEOUT_MS)
+    result = panel.result
+    assert result.cancelled and result.adapter_dir is not None
+    # At most the step under way and one whose progress signal was still queued when Cancel was pressed.
+    assert result.steps <= steps_seen + 2 < 6 * 50
+    assert panel.train_button.isEnabled() and panel.use_button.isEnabled()
+    assert "cancelled" in panel.status_label.text()
+
+
+def test_correction_tracker_finds_changed_slices():
+    class Layer:
+        data = np.zeros((4, 5, 5), np.int32)
+
+    layer = Layer()
+    tracker = CorrectionTracker()
+    assert tracker.changed_slices(layer) == [0, 1, 2, 3]
+    tracker.snapshot(layer)
+    assert tracker.changed_slices(layer) == []
+    layer.data[2, 1, 1] = 3
+    assert tracker.changed_slices(layer) == [2]

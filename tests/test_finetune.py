@@ -1,0 +1,154 @@
+"""Fine-tuning scopes, the automatic head and train_adapter on the bundled CT (real forward passes)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from napari_sam_ft.finetune import TrainSettings, VolumeAnnotations, build_training_data, train_adapter
+from napari_sam_ft.finetune.adapters import METADATA_FILE, load_adapter, unload_adapter
+from napari_sam_ft.finetune.evaluate import score_slices
+from napari_sam_ft.finetune.heads import ClassHead
+from napari_sam_ft.finetune.scopes import LoraSettings, expected_lora_count, prepare_scope
+from napari_sam_ft.engine.predictor import VolumePredictor
+from napari_sam_ft.models.registry import load_model
+from napari_sam_ft.sample import load_sample
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model()
+
+
+@pytest.fixture(scope="module")
+def ct():
+    return load_sample("ct")
+
+
+@pytest.fixture(scope="module")
+def data(ct):
+    labels = np.zeros_like(ct.labels.array)
+    labels[[8, 14, 20]] = ct.labels.array[[8, 14, 20]]
+    return build_training_data([VolumeAnnotations(ct.image, labels, "ct")], classes=[1, 5],
+                               class_names=ct.class_names, validation_slices=[14])
+
+
+def tiny_settings(**overrides) -> TrainSettings:
+    values = dict(scope="decoder", prompt_mode="mixed", views_per_slice=1, decoder_epochs=2, epochs=1, batch_size=2,
+                  time_budget_s=None, patience=100, max_objects_per_slice=1)
+    values.update(overrides)
+    return TrainSettings(**values)
+
+
+def test_trainable_parameter_counts_per_scope(model):
+    sam = model.sam
+    lora = prepare_scope(sam, "lora", LoraSettings(rank=8))
+    decoder = prepare_scope(sam, "decoder")
+    full = prepare_scope(sam, "full")
+    from peft.tuners.lora import LoraLayer
+
+    wrapped = sorted(name for name, module in lora.sam.named_modules() if isinstance(module, LoraLayer))
+    encoder_layers = [name for name in wrapped if name.startswith("image_encoder.")]
+    decoder_layers = [name for name in wrapped if name.startswith("mask_decoder.")]
+    # TinyViT: 2 + 6 + 2 attention blocks, one qkv each; SAM's two-way transformer: 2 layers x 3 attentions
+    # plus the final one, with q/k/v/out projections each.
+    assert len(encoder_layers) == 10 and all(name.endswith(".attn.qkv") for name in encoder_layers)
+    assert len(decoder_layers) == 28
+    assert {name.rsplit(".", 1)[1] for name in decoder_layers} == {"q_proj", "k_proj", "v_proj", "out_proj"}
+    assert lora.trainable_count() == expected_lora_count(sam, LoraSettings(rank=8))
+    assert decoder.trainable_count() == sum(p.numel() for p in sam.mask_decoder.parameters())
+    assert full.trainable_count() == sum(p.numel() for p in sam.parameters())
+    assert lora.trainable_count() < decoder.trainable_count() < full.trainable_count()
+    assert lora.encoder_trainable and not decoder.encoder_trainable and full.encoder_trainable
+    assert not LoraSettings(encoder_targets=()).target_regex().startswith("(?:image_encoder")
+    # The base network is untouched: the scopes work on copies.
+    assert not any(p.requires_grad for p in sam.parameters())
+    assert not any(isinstance(module, LoraLayer) for module in sam.modules())
+
+
+def test_class_head_shapes_and_start(model):
+    head = ClassHead.from_decoder(model.sam.mask_decoder, num_classes=3)
+    embeddings = torch.randn(2, 256, 64, 64)
+    with torch.no_grad():
+        logits = head(model.sam, embeddings)
+    assert logits.shape == (2, 4, 256, 256)
+    assert torch.isfinite(logits).all()
+    # Every channel starts from SAM's first mask token, told apart by a little noise.
+    assert not torch.equal(logits[:, 0], logits[:, 1])
+    parameters = sum(p.numel() for p in head.parameters())
+    assert parameters < 200_000
+
+
+def test_train_adapter_saves_a_working_adapter_and_leaves_the_model_alone(model, data, ct, tmp_path):
+    before = {name: value.clone() for name, value in model.sam.state_dict().items()}
+    events = []
+    result = train_adapter(model, data, tmp_path / "adapter", tiny_settings(),
+                           progress=lambda step, total, metrics: events.append((step, total, metrics)))
+    assert result.adapter_dir is not None and result.steps == 2 and result.stopped == "epochs"
+    assert set(result.val_dice_before) == {"box", "none"} and set(result.val_dice_after) == {"box", "none"}
+    assert result.val_dice_before["box"] > 0.5  # zero-shot box prompts already work on the CT
+    assert result.trainable_parameters > sum(p.numel() for p in model.sam.mask_decoder.parameters())
+    phases = [metrics["phase"] for _, _, metrics in events]
+    assert phases[0] == "encoding" and "start" in phases and phases[-1] == "decoder"
+    assert all(0.0 <= metrics["fraction"] <= 1.0 for _, _, metrics in events)
+    assert model.adapter_id == "none"
+    for name, value in model.sam.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    metadata = json.loads((result.adapter_dir / METADATA_FILE).read_text())
+    assert metadata["base_model_id"] == model.model_id and metadata["class_ids"] == [1, 5]
+    assert metadata["class_names"] == {"1": "spleen", "5": "liver"} and metadata["scope"] == "decoder"
+    assert metadata["windows"][0]["name"] == "soft_tissue"
+    assert metadata["training"]["validation_slices"] == [[0, 14]]
+
+    # The validation Dice stored is what the engine path reproduces with the loaded adapter.
+    info = load_adapter(model, result.adapter_dir)
+    try:
+        predictor = VolumePredictor(model, ct.image)
+        embedding = predictor.embedding(14)
+        scores = score_slices(model.sam, model.preprocessing, [embedding], [data.validation[0].labels],
+                              data.class_ids, ("box", "none"), head=model.class_head)
+        assert scores == pytest.approx(info.val_dice_after, abs=1e-6)
+    finally:
+        unload_adapter(model)
+
+
+def test_cancel_mid_epoch_keeps_the_best_adapter_so_far(model, data, ct, tmp_path):
+    steps = []
+    validations = []
+
+    def progress(step, total, metrics):
+        steps.append(step)
+        if "val_dice" in metrics:
+            validations.append(metrics["val_dice"])
+
+    # 2 training slices x 2 views = 4 views = 4 steps per decoder epoch at batch 1; cancel in epoch 2.
+    settings = tiny_settings(views_per_slice=2, batch_size=1, decoder_epochs=5, prompt_mode="none")
+    result = train_adapter(model, data, tmp_path / "cancelled", settings, progress=progress,
+                           should_cancel=lambda: max(steps, default=0) >= 6)
+    assert result.cancelled
+    assert result.steps == 6  # stopped before the next step
+    assert result.adapter_dir is not None
+    assert len(validations) == 2  # before training and after epoch 1
+    assert result.val_dice_after["none"] == pytest.approx(max(validations))
+    info = load_adapter(model, result.adapter_dir)
+    try:
+        predictor = VolumePredictor(model, ct.image)
+        scores = score_slices(model.sam, model.preprocessing, [predictor.embedding(14)], [data.validation[0].labels],
+                              data.class_ids, ("none",), head=model.class_head)
+        assert scores["none"] == pytest.approx(info.val_dice_after["none"], abs=1e-6)
+    finally:
+        unload_adapter(model)
+
+
+def test_cancel_before_training_saves_nothing(model, data, tmp_path):
+    result = train_adapter(model, data, tmp_path / "never", tiny_settings(), should_cancel=lambda: True)
+    assert result.cancelled and result.adapter_dir is None and result.steps == 0
+    assert not (tmp_path / "never").exists()
+
+
+def test_settings_are_checked(model, data, tmp_path):
+    with pytest.raises(ValueError, match="scope"):
+        train_adapter(model, data, tmp_path / "x", TrainSettings(scope="everything"))
+    with pytest.raises(ValueError, match="prompt mode"):
+        train_adapter(model, data, tmp_path / "x", TrainSettings(prompt_mode="scribble"))

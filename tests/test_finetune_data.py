@@ -1,0 +1,113 @@
+"""Training data from annotations, augmentation and simulated prompts (no network needed)."""
+
+import numpy as np
+import pytest
+
+from napari_sam_ft.finetune.augment import AugmentSettings, augment_pair, jittered_box, sampled_points
+from napari_sam_ft.finetune.data import (FinetuneDataError, VolumeAnnotations, annotated_slices, build_training_data,
+                                         parse_slice_list)
+from napari_sam_ft.sample import load_sample
+
+
+@pytest.fixture(scope="module")
+def ct():
+    return load_sample("ct")
+
+
+def sparse_labels(ct, slices):
+    """The sample's reference labels on ``slices`` only, as a user who painted those slices would have."""
+    labels = np.zeros_like(ct.labels.array)
+    labels[slices] = ct.labels.array[slices]
+    return labels
+
+
+def test_parse_slice_list_reads_indices_and_ranges():
+    assert parse_slice_list("62,70,78") == [62, 70, 78]
+    assert parse_slice_list("3:6, 10") == [3, 4, 5, 10]
+    assert parse_slice_list("0:10:4") == [0, 4, 8]
+    assert parse_slice_list("25:", num_slices=28) == [25, 26, 27]
+    with pytest.raises(FinetuneDataError, match="out of range"):
+        parse_slice_list("5,40", num_slices=30)
+    with pytest.raises(FinetuneDataError, match="cannot read"):
+        parse_slice_list("a-b")
+
+
+def test_only_annotated_slices_are_used_and_one_is_held_out(ct):
+    labels = sparse_labels(ct, [4, 10, 16, 22, 28])
+    assert annotated_slices(labels) == [4, 10, 16, 22, 28]
+    data = build_training_data([VolumeAnnotations(ct.image, labels, "ct")], class_names=ct.class_names)
+    used = sorted(example.slice_index for example in data.train + data.validation)
+    assert used == [4, 10, 16, 22, 28]  # unlabelled slices are never taken as background
+    assert len(data.validation) == 1 and len(data.train) == 4
+    assert set(data.class_ids) == set(np.unique(labels[[4, 10, 16, 22, 28]]).tolist()) - {0}
+    assert data.class_names[1] == "spleen"
+    example = data.train[0]
+    assert example.image_01.dtype == np.float32 and 0.0 <= example.image_01.min() <= example.image_01.max() <= 1.0
+    np.testing.assert_array_equal(example.labels, labels[example.slice_index])
+
+
+def test_classes_explicit_slices_and_validation(ct):
+    labels = sparse_labels(ct, [4, 10, 16, 22])
+    data = build_training_data([VolumeAnnotations(ct.image, labels)], slices=[4, 10, 16, 22, 25],
+                               validation_slices=[16], classes=[1, 5])
+    assert [example.slice_index for example in data.validation] == [16]
+    # Slice 25 was listed as reviewed: it is a true background slice.
+    assert sorted(example.slice_index for example in data.train) == [4, 10, 22, 25]
+    assert data.class_ids == (1, 5)
+    for example in data.train + data.validation:
+        assert set(np.unique(example.labels)) <= {0, 1, 5}
+    indices = data.class_indices(np.array([[0, 1, 5, 7]]))
+    np.testing.assert_array_equal(indices, [[0, 1, 2, 0]])
+
+
+def test_several_volumes_combine(ct):
+    mr = load_sample("mr")
+    data = build_training_data([VolumeAnnotations(ct.image, sparse_labels(ct, [5, 15, 25]), "ct"),
+                                VolumeAnnotations(mr.image, mr.labels.array * (np.arange(20) == 8)[:, None, None],
+                                                  "mr")], classes=[5])
+    volumes = {(example.volume_index, example.slice_index) for example in data.train + data.validation}
+    assert volumes == {(0, 5), (0, 15), (0, 25), (1, 8)}
+    assert len(data.windows) == 2 and data.windows[0].name != data.windows[1].name  # CT preset vs MR percentiles
+
+
+def test_empty_annotations_give_a_clear_error(ct):
+    with pytest.raises(FinetuneDataError, match="no annotations"):
+        build_training_data([VolumeAnnotations(ct.image, np.zeros_like(ct.labels.array))])
+
+
+def test_single_slice_annotation_gives_a_clear_error(ct):
+    with pytest.raises(FinetuneDataError, match="only one annotated slice"):
+        build_training_data([VolumeAnnotations(ct.image, sparse_labels(ct, [12]))])
+
+
+def test_mismatched_shapes_and_missing_classes_are_refused(ct):
+    with pytest.raises(FinetuneDataError, match="does not match"):
+        build_training_data([VolumeAnnotations(ct.image, sparse_labels(ct, [3, 4])[:, :50])])
+    with pytest.raises(FinetuneDataError, match="not painted"):
+        build_training_data([VolumeAnnotations(ct.image, sparse_labels(ct, [3, 4]))], classes=[999])
+
+
+def test_augmentation_keeps_label_ids_and_is_seeded(ct):
+    image = ct.image.array[15].astype(np.float32)
+    image = (image - image.min()) / (image.max() - image.min())
+    labels = ct.labels.array[15].astype(np.int32)
+    first = augment_pair(image, labels, np.random.default_rng(3), AugmentSettings())
+    second = augment_pair(image, labels, np.random.default_rng(3), AugmentSettings())
+    np.testing.assert_array_equal(first[0], second[0])
+    assert set(np.unique(first[1])) <= set(np.unique(labels))  # nearest-neighbour: no blended ids
+    assert first[0].shape == image.shape and 0.0 <= first[0].min() and first[0].max() <= 1.0
+    assert not np.array_equal(first[0], image)
+
+
+def test_simulated_prompts_fit_the_mask(ct):
+    mask = ct.labels.array[15] == 5
+    rng = np.random.default_rng(0)
+    rows, cols = np.nonzero(mask)
+    width, height = np.ptp(cols) + 1, np.ptp(rows) + 1
+    for _ in range(20):
+        x0, y0, x1, y1 = jittered_box(mask, rng)
+        assert 0 <= x0 <= x1 < mask.shape[1] and 0 <= y0 <= y1 < mask.shape[0]
+        assert abs(x0 - cols.min()) <= 0.1 * width + 5 and abs(y1 - rows.max()) <= 0.1 * height + 5
+        coords, labels = sampled_points(mask, rng)
+        for (x, y), label in zip(coords.astype(int), labels):
+            assert mask[y, x] == bool(label)
