@@ -102,14 +102,17 @@ def file_format_of(path: str | os.PathLike) -> str:
     raise VolumeError(f"{path}: unsupported file type; napari-sam-ft reads {', '.join(SUPPORTED_SUFFIXES)}")
 
 
-def slicing_axes(slicing_axis: int) -> tuple[int, int, int]:
+def slicing_axes(slicing_axis: int, file_format: str = "nifti") -> tuple[int, int, int]:
     """File voxel axes in (Z, Y, X) order for a given file slicing axis.
 
-    With the NIfTI default (third voxel axis, 2) this is (2, 1, 0): axial slices of an RAS/LPS scan.
+    NIfTI stores (I, J, K) with K the slice axis, so its natural (Z, Y, X) is (2, 1, 0): axial slices of
+    an RAS/LPS scan. TIFF stacks and .npy arrays are already (Z, Y, X). The two in-plane axes keep the
+    natural order.
     """
     if slicing_axis not in (0, 1, 2):
         raise VolumeError(f"slicing axis must be 0, 1 or 2, got {slicing_axis}")
-    in_plane = [axis for axis in (2, 1, 0) if axis != slicing_axis]
+    natural = (2, 1, 0) if file_format == "nifti" else (0, 1, 2)
+    in_plane = [axis for axis in natural if axis != slicing_axis]
     return (slicing_axis, in_plane[0], in_plane[1])
 
 
@@ -140,7 +143,7 @@ def read_volume(path: str | os.PathLike, *, slicing_axis: int | None = None, cha
     data = _select_3d(data, path, channel)
     if slicing_axis is None:
         slicing_axis = 2 if file_format == "nifti" else 0
-    file_axes = slicing_axes(slicing_axis)
+    file_axes = slicing_axes(slicing_axis, file_format)
     voxel_sizes = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
     spacing = tuple(float(voxel_sizes[axis]) or 1.0 for axis in file_axes)
     array = np.transpose(data, file_axes)

@@ -232,12 +232,16 @@ def load_model(name: str = DEFAULT_MODEL, checkpoint: str | Path | None = None,
     checkpoint = Path(checkpoint)
     state_dict = load_state_dict(checkpoint)
     sam = spec.build()
-    missing, unexpected = sam.load_state_dict(state_dict, strict=False)
-    if missing or unexpected:
+    expected = sam.state_dict()
+    missing = [key for key in expected if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in expected]
+    mismatched = [key for key in expected if key in state_dict and state_dict[key].shape != expected[key].shape]
+    if missing or unexpected or mismatched:
         guess = guess_model_family(state_dict)
         raise CheckpointError(
-            f"{checkpoint}: does not fit model {name!r} ({len(missing)} missing, {len(unexpected)} unexpected keys); "
-            f"it looks like {guess}")
+            f"{checkpoint}: does not fit model {name!r} ({len(missing)} missing, {len(unexpected)} unexpected, "
+            f"{len(mismatched)} wrongly shaped weights); it looks like {guess}")
+    sam.load_state_dict(state_dict, strict=True)
     sam.eval()
     for parameter in sam.parameters():
         parameter.requires_grad_(False)
