@@ -24,6 +24,7 @@ def geometry_metadata(volume: Volume) -> dict:
         "affine": np.asarray(volume.affine, dtype=float).copy(),
         "spacing": tuple(float(value) for value in volume.spacing),
         "file_axes": tuple(int(axis) for axis in volume.file_axes),
+        "flips": tuple(bool(flip) for flip in volume.flips),
         "shape": tuple(int(size) for size in volume.shape),
         "source_path": None if volume.source_path is None else str(volume.source_path),
         "file_format": volume.file_format,
@@ -52,7 +53,7 @@ def volume_from_layer(data, metadata: dict | None, scale=None, translate=None, f
         source = geometry["source_path"]
         return Volume(array, tuple(geometry["spacing"]), np.asarray(geometry["affine"], dtype=float),
                       tuple(geometry["file_axes"]), Path(source) if source else None, geometry["file_format"],
-                      geometry["header"])
+                      geometry["header"], tuple(geometry.get("flips", (False, False, False))))
     scale = np.ones(3) if scale is None else np.asarray(scale, dtype=float)[-3:]
     translate = np.zeros(3) if translate is None else np.asarray(translate, dtype=float)[-3:]
     file_axes = (0, 1, 2) if file_path is None else default_file_axes(file_path)
@@ -65,7 +66,8 @@ def volume_from_layer(data, metadata: dict | None, scale=None, translate=None, f
 
 def default_file_axes(path) -> tuple[int, int, int]:
     """The file voxel axes ``read_volume`` takes as (Z, Y, X) for a file like ``path`` (its default slicing)."""
-    return slicing_axes(2 if file_format_of(path) == "nifti" else 0)
+    file_format = file_format_of(path)
+    return slicing_axes(2 if file_format == "nifti" else 0, file_format)
 
 
 def looks_like_labels(volume: Volume) -> bool:

@@ -41,6 +41,9 @@ class Volume:
     ``array`` is (Z, Y, X): Z is the slicing axis. ``file_axes`` says which voxel axis of the file each
     of Z, Y, X came from, so a mask can be put back in the file's order. ``affine`` is the file's
     4x4 voxel-to-world matrix (in the file's voxel order); ``spacing`` is (z, y, x) in mm.
+
+    A multi-sequence volume from ``read_channels`` has a (Z, Y, X, C) array with C = 2 or 3 co-registered
+    channels (``channel_names`` says where each came from); ``shape`` is still the spatial (Z, Y, X).
     """
 
     array: np.ndarray
@@ -50,10 +53,18 @@ class Volume:
     source_path: Path | None = None
     file_format: str = "npy"
     header: object | None = None
+    channel_names: tuple[str, ...] = ()
+    # Display axes (Z, Y, X) that run backwards relative to the file, for the radiological view.
+    flips: tuple[bool, bool, bool] = (False, False, False)
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(self.array.shape)  # type: ignore[return-value]
+        """The spatial (Z, Y, X) shape, also for a multi-channel volume."""
+        return tuple(self.array.shape[:3])  # type: ignore[return-value]
+
+    @property
+    def num_channels(self) -> int:
+        return 1 if self.array.ndim == 3 else int(self.array.shape[3])
 
     @property
     def num_slices(self) -> int:
@@ -67,21 +78,30 @@ class Volume:
 
     def to_file_order(self, array_zyx: np.ndarray) -> np.ndarray:
         """Put a (Z, Y, X) array (e.g. a mask) back into the file's voxel order."""
-        return np.transpose(array_zyx, np.argsort(self.file_axes))
+        flipped_axes = tuple(axis for axis, flipped in enumerate(self.flips) if flipped)
+        unflipped = np.flip(array_zyx, flipped_axes) if flipped_axes else array_zyx
+        return np.transpose(unflipped, np.argsort(self.file_axes))
 
     def napari_scale_translate(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """Scale and translate for napari layers, so that layers of one scan overlay in world units."""
         scale = tuple(float(s) for s in self.spacing)
-        origin = self.affine[:3, 3]
-        translate = tuple(float(origin[axis]) if axis < 3 else 0.0 for axis in self.file_axes)
+        # World position of the displayed array's first voxel, along each displayed axis.
+        first_voxel = np.zeros(4)
+        first_voxel[3] = 1.0
+        for display_axis, file_axis in enumerate(self.file_axes):
+            if self.flips[display_axis]:
+                first_voxel[file_axis] = self.shape[display_axis] - 1
+        world = self.affine @ first_voxel
+        translate = tuple(float(world[axis]) for axis in self.file_axes)
         return scale, translate
 
     def with_array(self, array_zyx: np.ndarray) -> "Volume":
         """A volume with the same geometry and another array of the same (Z, Y, X) shape."""
-        if tuple(array_zyx.shape) != self.shape:
+        if tuple(array_zyx.shape[:3]) != self.shape or array_zyx.ndim not in (3, 4):
             raise VolumeError(f"array shape {array_zyx.shape} does not match volume shape {self.shape}")
+        names = self.channel_names if array_zyx.ndim == 4 else ()
         return Volume(array_zyx, self.spacing, self.affine, self.file_axes, self.source_path,
-                      self.file_format, self.header)
+                      self.file_format, self.header, names, self.flips)
 
 
 def strip_suffix(filename: str) -> str:
@@ -126,30 +146,74 @@ def read_volume(path: str | os.PathLike, *, slicing_axis: int | None = None, cha
     """
     path = Path(path)
     file_format = file_format_of(path)
+    data, affine, header = _read_any(path, file_format)
+    data = _select_3d(data, path, channel)
+    if slicing_axis is None:
+        slicing_axis = 2 if file_format == "nifti" else 0
+    file_axes = slicing_axes(slicing_axis, file_format)
+    flips = (False, False, False)
+    if file_format == "nifti":
+        file_axes, flips = radiological_axes(affine, slicing_axis)
+    affine, spacing = _checked_geometry(affine, file_axes, path)
+    array = np.transpose(data, file_axes)
+    flipped_axes = tuple(axis for axis, flipped in enumerate(flips) if flipped)
+    if flipped_axes:
+        array = np.flip(array, flipped_axes)  # a view: memory-mapped files stay lazy
+    if check_values:
+        check_intensities(array, path)
+    return Volume(array, spacing, affine, file_axes, path, file_format, header, flips=flips)
+
+
+def _read_any(path: Path, file_format: str):
+    """(data, affine, header) of a file, any parser failure turned into one ``VolumeError``."""
     if not path.exists():
         raise VolumeError(f"{path}: file not found")
     try:
         if file_format == "nifti":
-            data, affine, header = _read_nifti(path)
-        elif file_format == "tiff":
-            data, affine, header = _read_tiff(path)
-        else:
-            data, affine, header = _read_npy(path)
+            return _read_nifti(path)
+        if file_format == "tiff":
+            return _read_tiff(path)
+        return _read_npy(path)
     except VolumeError:
         raise
     except Exception as error:  # any parser failure is an unreadable file, said once, clearly
         raise VolumeError(f"{path}: cannot read this {file_format} file ({type(error).__name__}: {error})") from error
 
-    data = _select_3d(data, path, channel)
-    if slicing_axis is None:
-        slicing_axis = 2 if file_format == "nifti" else 0
-    file_axes = slicing_axes(slicing_axis, file_format)
-    voxel_sizes = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
-    spacing = tuple(float(voxel_sizes[axis]) or 1.0 for axis in file_axes)
-    array = np.transpose(data, file_axes)
-    if check_values:
-        check_intensities(array, path)
-    return Volume(array, spacing, np.asarray(affine, dtype=float), file_axes, path, file_format, header)
+
+def radiological_axes(affine: np.ndarray, slicing_axis: int) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
+    """(Z, Y, X) file axes and flips that show a NIfTI slice as radiologists read it.
+
+    Rows run from anterior to posterior (axial) or superior to inferior (coronal, sagittal); columns run
+    from the patient's right to left (axial, coronal) or anterior to posterior (sagittal).
+    """
+    import nibabel as nib
+
+    try:
+        codes = nib.aff2axcodes(affine)
+    except Exception:  # a degenerate affine: keep the file's order rather than guess an orientation
+        return slicing_axes(slicing_axis, "nifti"), (False, False, False)
+    if None in codes:
+        return slicing_axes(slicing_axis, "nifti"), (False, False, False)
+    in_plane = [axis for axis in (2, 1, 0) if axis != slicing_axis]
+    for preferred in ("SI", "AP"):
+        rows = [axis for axis in in_plane if codes[axis] in preferred]
+        if rows:
+            in_plane = [rows[0]] + [axis for axis in in_plane if axis != rows[0]]
+            break
+    file_axes = (slicing_axis, in_plane[0], in_plane[1])
+    # Rows should increase toward P or I and columns toward L or P: flip in-plane axes that point R, A or S.
+    flips = (False, codes[file_axes[1]] in "RAS", codes[file_axes[2]] in "RAS")
+    return file_axes, flips
+
+
+def _checked_geometry(affine, file_axes: tuple[int, int, int], path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
+    """The affine as floats and the (z, y, x) spacing; a header with NaN/inf geometry is refused."""
+    affine = np.asarray(affine, dtype=float)
+    if affine.shape != (4, 4) or not np.isfinite(affine).all():
+        raise VolumeError(f"{path}: the header's voxel-to-world geometry is invalid (NaN or infinite values); "
+                          "fix the header's pixel sizes/orientation")
+    voxel_sizes = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    return affine, tuple(float(voxel_sizes[axis]) or 1.0 for axis in file_axes)
 
 
 def _read_nifti(path: Path):
@@ -186,12 +250,25 @@ def _read_npy(path: Path):
     return data, np.eye(4), None
 
 
+def _channel_axis(data: np.ndarray) -> int:
+    """The channel (or time) axis of 4D data: the last one (NIfTI, channels-last), or the first if smaller."""
+    return data.ndim - 1 if data.shape[-1] <= data.shape[0] else 0
+
+
+def _check_voxel_type(data: np.ndarray, path: Path) -> None:
+    if data.dtype != bool and (not np.issubdtype(data.dtype, np.number)
+                               or np.issubdtype(data.dtype, np.complexfloating)):
+        raise VolumeError(f"{path}: has voxels of type {data.dtype}; expected real numbers")
+    if 0 in data.shape:
+        raise VolumeError(f"{path}: is empty (shape {tuple(data.shape)})")
+
+
 def _select_3d(data: np.ndarray, path: Path, channel: int | None) -> np.ndarray:
     if data.ndim == 4 and data.shape[-1] == 1 and channel is None:
         data = data[..., 0]
     if data.ndim == 4:
-        count = data.shape[-1] if data.shape[-1] <= data.shape[0] else data.shape[0]
-        channel_axis = data.ndim - 1 if data.shape[-1] <= data.shape[0] else 0
+        channel_axis = _channel_axis(data)
+        count = data.shape[channel_axis]
         if channel is None:
             raise VolumeError(
                 f"{path}: is 4D with shape {tuple(data.shape)}; choose a channel or time point with "
@@ -203,25 +280,117 @@ def _select_3d(data: np.ndarray, path: Path, channel: int | None) -> np.ndarray:
         raise VolumeError(f"{path}: is 2D with shape {tuple(data.shape)}; napari-sam-ft needs a 3D volume")
     if data.ndim != 3:
         raise VolumeError(f"{path}: has {data.ndim} dimensions (shape {tuple(data.shape)}); expected a 3D volume")
-    if not (np.issubdtype(data.dtype, np.number) or data.dtype == bool):
-        raise VolumeError(f"{path}: has non-numeric voxels ({data.dtype})")
+    _check_voxel_type(data, path)
     return data
 
 
+MAX_MODEL_CHANNELS = 3  # SAM's encoder takes an RGB image
+
+
+def read_channels(source, channels=None, *, slicing_axis: int | None = None, check_values: bool = True) -> Volume:
+    """Read co-registered sequences as one multi-channel ``Volume`` whose array is (Z, Y, X, C).
+
+    ``source`` is a 4D file (channels or time points on its last axis, e.g. a 4D NIfTI) or a list of 3D
+    files of one grid (e.g. T1, T2 and FLAIR). ``channels`` picks which channels, in order, feed the
+    model's red, green and blue inputs (default: all of them, at most three). One chosen channel gives
+    a plain single-channel (Z, Y, X) volume. A contiguous range of a memory-mapped 4D file stays mapped;
+    any other choice, and a list of files, is copied into memory in the files' own voxel type.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        volume = _read_4d_channels(Path(source), channels, slicing_axis)
+    else:
+        volume = _stack_channel_files([Path(path) for path in source], channels, slicing_axis)
+    if volume.array.ndim == 4 and volume.array.shape[-1] == 1:
+        volume = Volume(volume.array[..., 0], volume.spacing, volume.affine, volume.file_axes, volume.source_path,
+                        volume.file_format, volume.header)
+    if check_values:
+        check_intensities(volume.array, volume.source_path)
+    return volume
+
+
+def _chosen_channels(channels, count: int, what: str) -> list[int]:
+    if channels is None:
+        if count > MAX_MODEL_CHANNELS:
+            raise VolumeError(f"{what} has {count} channels; choose up to {MAX_MODEL_CHANNELS} of 0..{count - 1} "
+                              "for the model's three input channels")
+        return list(range(count))
+    chosen = [channels] if isinstance(channels, (int, np.integer)) else list(channels)
+    if not 1 <= len(chosen) <= MAX_MODEL_CHANNELS:
+        raise VolumeError(f"choose 1 to {MAX_MODEL_CHANNELS} channels for the model's input, got {len(chosen)}")
+    for channel in chosen:
+        if isinstance(channel, bool) or not isinstance(channel, (int, np.integer)) or not 0 <= channel < count:
+            raise VolumeError(f"{what}: channel {channel!r} is out of range 0..{count - 1}")
+    return [int(channel) for channel in chosen]
+
+
+def _read_4d_channels(path: Path, channels, slicing_axis: int | None) -> Volume:
+    file_format = file_format_of(path)
+    data, affine, header = _read_any(path, file_format)
+    if data.ndim == 3:
+        data = data[..., None]
+    if data.ndim != 4:
+        raise VolumeError(f"{path}: has {data.ndim} dimensions (shape {tuple(data.shape)}); expected a 3D or 4D volume")
+    _check_voxel_type(data, path)
+    channel_axis = 3 if file_format == "nifti" else _channel_axis(data)
+    data = np.moveaxis(data, channel_axis, -1)
+    chosen = _chosen_channels(channels, data.shape[-1], str(path))
+    if chosen == list(range(chosen[0], chosen[-1] + 1)):
+        data = data[..., chosen[0]:chosen[-1] + 1]  # a view: memory-mapped files stay mapped
+    else:
+        data = data[..., chosen]
+    if slicing_axis is None:
+        slicing_axis = 2 if file_format == "nifti" else 0
+    file_axes = slicing_axes(slicing_axis, file_format)
+    affine, spacing = _checked_geometry(affine, file_axes, path)
+    names = tuple(f"{path.name}[{channel}]" for channel in chosen)
+    return Volume(np.transpose(data, (*file_axes, 3)), spacing, affine, file_axes, path, file_format, header, names)
+
+
+def _stack_channel_files(paths: list[Path], channels, slicing_axis: int | None) -> Volume:
+    if not paths:
+        raise VolumeError("no files given for the channels")
+    chosen = _chosen_channels(channels, len(paths), f"{len(paths)} files")
+    volumes = [read_volume(paths[index], slicing_axis=slicing_axis, check_values=False) for index in chosen]
+    first = volumes[0]
+    for volume in volumes[1:]:
+        if volume.shape != first.shape:
+            raise VolumeError(f"{volume.source_path}: shape {volume.shape} differs from {first.source_path}'s "
+                              f"{first.shape}; channels must be co-registered on one grid")
+        if not np.allclose(volume.affine, first.affine, atol=1e-3):
+            raise VolumeError(f"{volume.source_path}: its voxel-to-world geometry differs from {first.source_path}'s; "
+                              "channels must be co-registered on one grid (resample them first)")
+    array = np.stack([np.asarray(volume.array) for volume in volumes], axis=-1)
+    names = tuple(volume.source_path.name for volume in volumes)
+    return Volume(array, first.spacing, first.affine, first.file_axes, first.source_path, first.file_format,
+                  first.header, names)
+
+
 def check_intensities(array: np.ndarray, path: Path | str | None = None) -> None:
-    """Refuse NaN/inf and constant volumes, reading slab by slab so large memory-mapped files stay lazy."""
+    """Refuse NaN/inf and constant volumes (or channels), reading slab by slab so memory-mapped files stay lazy.
+
+    ``array`` is (Z, Y, X) or (Z, Y, X, C); each channel of a multi-channel volume must vary.
+    """
     where = f"{path}: " if path is not None else ""
-    low, high = np.inf, -np.inf
+    if 0 in array.shape:
+        raise VolumeError(f"{where}is empty (shape {tuple(array.shape)})")
+    channels = 1 if array.ndim == 3 else array.shape[-1]
+    low, high = np.full(channels, np.inf), np.full(channels, -np.inf)
     floating = np.issubdtype(array.dtype, np.floating)
-    for start in range(0, array.shape[0], 32):
-        slab = np.asarray(array[start:start + 32])
+    # About 32 MiB per slab whatever the slice size: bounded memory, few Python iterations.
+    slab_slices = max(1, (32 << 20) // max(1, array[0].nbytes))
+    for start in range(0, array.shape[0], slab_slices):
+        slab = np.asarray(array[start:start + slab_slices])
         if floating and not np.isfinite(slab).all():
             bad = int((~np.isfinite(slab)).sum())
             raise VolumeError(f"{where}contains {bad} NaN or infinite voxels in slices {start}..{start + len(slab) - 1}; "
                               "fix or mask them before segmenting")
-        low, high = min(low, float(slab.min())), max(high, float(slab.max()))
-    if low == high:
-        raise VolumeError(f"{where}is constant (every voxel is {low:g}); there is nothing to segment")
+        slab = slab.reshape(-1, channels)
+        low, high = np.minimum(low, slab.min(axis=0)), np.maximum(high, slab.max(axis=0))
+    for channel in range(channels):
+        if low[channel] == high[channel]:
+            which = f"channel {channel} " if channels > 1 else ""
+            raise VolumeError(f"{where}{which}is constant (every voxel is {float(low[channel]):g}); "
+                              "there is nothing to segment")
 
 
 def read_labels(path: str | os.PathLike, like: Volume | None = None, *, slicing_axis: int | None = None) -> Volume:
@@ -298,9 +467,25 @@ def atomic_write(path: Path, write) -> None:
 
 # --- intensity windowing -------------------------------------------------------------------------------
 
+# Window statistics read at most this many voxels (16 MiB as float32), whatever the volume's size.
+MAX_SAMPLE_VOXELS = 1 << 22
+
+
+def intensity_sample(array: np.ndarray, slices: int) -> np.ndarray:
+    """About ``slices`` evenly spaced slices of ``array``, thinned in-plane to ``MAX_SAMPLE_VOXELS`` voxels.
+
+    Reading only these keeps a memory-mapped volume lazy; small volumes are sampled exactly as before.
+    """
+    sample = array[:: max(1, array.shape[0] // slices)]
+    stride = 1
+    while sample.shape[0] * -(-sample.shape[1] // stride) * -(-sample.shape[2] // stride) > MAX_SAMPLE_VOXELS:
+        stride += 1
+    return np.asarray(sample[:, ::stride, ::stride])
+
+
 def looks_like_ct(array: np.ndarray) -> bool:
     """CT in Hounsfield units: air near -1000 and values mostly within [-1024, 3071]."""
-    sample = np.asarray(array[:: max(1, array.shape[0] // 16)])
+    sample = intensity_sample(array, 16)
     low, high = float(np.percentile(sample, 0.5)), float(np.percentile(sample, 99.5))
     return low < -500.0 and low >= -3100.0 and high <= 4000.0
 
@@ -322,8 +507,40 @@ class Window:
         return f"{self.name}:{self.low:.6g}:{self.high:.6g}"
 
 
+@dataclass(frozen=True)
+class ChannelWindow(Window):
+    """One window per channel of a (..., C) multi-channel image; ``low``/``high`` span all of them."""
+
+    channels: tuple[Window, ...] = ()
+
+    def apply(self, values: np.ndarray) -> np.ndarray:
+        lows = np.array([window.low for window in self.channels], np.float32)
+        widths = np.array([max(window.high - window.low, 1e-6) for window in self.channels], np.float32)
+        return np.clip((np.asarray(values, dtype=np.float32) - lows) / widths, 0.0, 1.0)
+
+    @property
+    def key(self) -> str:
+        return "channels[" + ";".join(window.key for window in self.channels) + "]"
+
+
+def channel_window(windows: list[Window]) -> ChannelWindow:
+    return ChannelWindow(min(window.low for window in windows), max(window.high for window in windows),
+                         "+".join(window.name for window in windows), tuple(windows))
+
+
 def choose_window(array: np.ndarray, window: str | tuple[float, float] = "auto") -> Window:
-    """Pick an intensity window: a CT preset, MRI percentile clipping, min-max, or (level, width)."""
+    """Pick an intensity window: a CT preset, MRI percentile clipping, min-max, or (level, width).
+
+    A (Z, Y, X, C) array gets a ``ChannelWindow``: each channel windowed on its own, with the same choice
+    for all, or with one choice per channel when ``window`` is a list of them (e.g. ["soft_tissue", "percentile"]).
+    """
+    if array.ndim == 4:
+        count = array.shape[-1]
+        per_channel = isinstance(window, list) and all(isinstance(item, (str, tuple, list)) for item in window)
+        if per_channel and len(window) != count:
+            raise ValueError(f"{len(window)} windows given for {count} channels")
+        choices = window if per_channel else [window] * count
+        return channel_window([choose_window(array[..., channel], choice) for channel, choice in enumerate(choices)])
     if isinstance(window, (tuple, list)):
         level, width = float(window[0]), float(window[1])
         return Window(level - width / 2, level + width / 2, "custom")
@@ -332,7 +549,7 @@ def choose_window(array: np.ndarray, window: str | tuple[float, float] = "auto")
     if window in CT_WINDOW_PRESETS:
         level, width = CT_WINDOW_PRESETS[window]
         return Window(level - width / 2, level + width / 2, window)
-    sample = np.asarray(array[:: max(1, array.shape[0] // 32)], dtype=np.float32)
+    sample = intensity_sample(array, 32).astype(np.float32)
     if window == "percentile":
         low, high = np.percentile(sample, MRI_PERCENTILES)
         if high <= low:

@@ -50,8 +50,10 @@ def test_ct_opens_as_an_image_with_scale_translate_and_geometry():
     assert layer_type == "image" and data.shape == (30, 101, 122)
     assert meta["scale"] == (3.0, 3.0, 3.0)
     affine = nib.load(str(ct_path)).affine
-    # Z is the file's third voxel axis, so its origin is the affine's z translation; Y, X likewise swapped.
-    assert meta["translate"] == pytest.approx((affine[2, 3], affine[1, 3], affine[0, 3]))
+    # Z is the file's third voxel axis; the RAS file is shown radiologically (anterior up, patient right on
+    # the left), so the displayed first voxel is the file's last along I and J.
+    first_voxel = affine @ np.array([121, 100, 0, 1.0])
+    assert meta["translate"] == pytest.approx((first_voxel[2], first_voxel[1], first_voxel[0]))
     geometry = meta["metadata"][GEOMETRY_KEY]
     np.testing.assert_array_equal(geometry["affine"], affine)
     assert geometry["file_axes"] == (2, 1, 0)

@@ -18,7 +18,7 @@ def test_nifti_is_read_as_zyx_with_spacing_and_the_third_voxel_axis_as_z(ct_samp
     volume = ct_sample.image
     assert volume.shape == (raw.shape[2], raw.shape[1], raw.shape[0])
     assert volume.spacing == (3.0, 3.0, 3.0)
-    assert np.array_equal(volume.array[7], raw[:, :, 7].T)
+    assert np.array_equal(volume.array[7], raw[::-1, ::-1, 7].T)  # RAS file: anterior up, patient right on the left
 
 
 def test_a_written_mask_has_the_inputs_voxel_order_and_affine(ct_sample, tmp_path):

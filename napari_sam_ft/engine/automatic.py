@@ -103,7 +103,7 @@ def _decode_candidates(predictor: VolumePredictor, slice_index: int, body: np.nd
 def slice_objects(predictor: VolumePredictor, slice_index: int,
                   settings: AutomaticSettings = AutomaticSettings()) -> np.ndarray:
     """Automatic 2D objects on one slice with the base model -> (H, W) int32, 0 = background, 1..n objects."""
-    image = predictor.slice_image(slice_index)
+    image = predictor.slice_intensity(slice_index)
     height, width = image.shape
     labels = np.zeros((height, width), np.int32)
     body = body_mask(image, settings.foreground_threshold)
@@ -135,7 +135,11 @@ def slice_objects(predictor: VolumePredictor, slice_index: int,
 
 def link_slices(slice_labels: dict[int, np.ndarray], shape: tuple[int, int, int],
                 settings: AutomaticSettings = AutomaticSettings()) -> np.ndarray:
-    """Link per-slice objects into 3D instances by overlap with the previous slice -> (Z, H, W) int32."""
+    """Link per-slice objects into 3D instances by overlap with the previous slice -> (Z, H, W) int32.
+
+    Works slice by slice: besides the result (whose unlabelled slices are never written, so cost no
+    memory), nothing of the volume's size is allocated.
+    """
     volume_labels = np.zeros(shape, np.int32)
     next_instance = 1
     previous_index = None
@@ -158,14 +162,17 @@ def link_slices(slice_labels: dict[int, np.ndarray], shape: tuple[int, int, int]
                 instance, next_instance = next_instance, next_instance + 1
             volume_labels[index][mask & (volume_labels[index] == 0)] = instance
         previous_index = index
-    sizes = np.bincount(volume_labels.ravel())
-    small = np.flatnonzero(sizes < settings.min_instance_voxels)
-    volume_labels[np.isin(volume_labels, small[small > 0])] = 0
-    # Renumber 1..n in order of first appearance.
-    ids = [value for value in np.unique(volume_labels) if value]
-    remap = np.zeros(int(volume_labels.max()) + 1, np.int32)
-    remap[ids] = np.arange(1, len(ids) + 1)
-    return remap[volume_labels]
+    sizes = np.zeros(next_instance, np.int64)
+    for index in slice_labels:
+        sizes += np.bincount(volume_labels[index].ravel(), minlength=next_instance)
+    # Drop small instances and renumber the rest 1..n in order of first appearance.
+    kept = np.flatnonzero(sizes >= settings.min_instance_voxels)
+    kept = kept[kept > 0]
+    remap = np.zeros(next_instance, np.int32)
+    remap[kept] = np.arange(1, len(kept) + 1)
+    for index in slice_labels:
+        volume_labels[index] = remap[volume_labels[index]]
+    return volume_labels
 
 
 @torch.inference_mode()
@@ -198,7 +205,7 @@ def segment_volume(predictor: VolumePredictor, *, slice_indices=None, settings: 
     volume = predictor.volume
     indices = list(range(volume.num_slices)) if slice_indices is None else [int(index) for index in slice_indices]
     worth = [index for index in indices
-             if body_mask(predictor.slice_image(index), settings.foreground_threshold).mean()
+             if body_mask(predictor.slice_intensity(index), settings.foreground_threshold).mean()
              >= settings.min_foreground_fraction]
     total = len(worth)
     slice_labels: dict[int, np.ndarray] = {}

@@ -28,6 +28,53 @@ class Cancelled(Exception):
     """Raised inside long work when the caller's cancel check says stop."""
 
 
+CPU_BATCH_SIZE = 2  # slices per encoder pass on a CPU: larger batches are no faster there, only bigger
+MAX_BATCH_SIZE = 32
+# Rough peak activation memory of one image through each encoder under fp16/bf16 autocast, from the
+# attention sizes (SAM's ViTs materialise the 4096x4096 global attention of a 1024 px input per head; TinyViT
+# uses windowed attention and grows with the pixel count). Estimates, deliberately on the high side: a batch
+# size is then sized to half of the free memory, so the encoder never runs out of memory on a shared GPU.
+ENCODER_BYTES_PER_IMAGE = {"tiny_vit": 96 << 20, "vit_b": 1536 << 20, "vit_l": 2048 << 20, "vit_h": 2560 << 20}
+TINY_VIT_REFERENCE_INPUT = 256
+
+
+def batch_size_for_memory(free_bytes: int, bytes_per_image: int, headroom: float = 0.5,
+                          maximum: int = MAX_BATCH_SIZE) -> int:
+    """How many slices to encode at once: ``headroom`` of the free accelerator memory, at least 1."""
+    if bytes_per_image <= 0:
+        raise ValueError(f"bytes_per_image must be positive, got {bytes_per_image}")
+    return int(max(1, min(maximum, (free_bytes * headroom) // bytes_per_image)))
+
+
+def encoder_bytes_per_image(family: str, input_size: int) -> int:
+    """The estimated peak encoder memory of one image (see ``ENCODER_BYTES_PER_IMAGE``)."""
+    per_image = ENCODER_BYTES_PER_IMAGE.get(family, ENCODER_BYTES_PER_IMAGE["vit_h"])
+    if family == "tiny_vit":
+        per_image = per_image * (input_size / TINY_VIT_REFERENCE_INPUT) ** 2
+    return int(per_image)
+
+
+def free_device_memory(device: torch.device) -> int | None:
+    """Free bytes on a CUDA or MPS device now (None on the CPU, or when the backend cannot say)."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0])
+        if device.type == "mps":
+            # MPS shares system memory: what Metal recommends for this process, minus what it holds already.
+            return int(torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory())
+    except (AttributeError, RuntimeError):
+        return None
+    return None
+
+
+def default_batch_size(model: LoadedModel) -> int:
+    """Encoder batch size for ``model`` on its device: sized to free memory on a GPU, small on a CPU."""
+    free = free_device_memory(model.device)
+    if free is None:
+        return CPU_BATCH_SIZE if model.device.type == "cpu" else 1
+    return batch_size_for_memory(free, encoder_bytes_per_image(model.spec.family, model.preprocessing.input_size))
+
+
 @dataclass
 class Prediction:
     """One predicted object on one slice."""
@@ -50,7 +97,7 @@ class VolumePredictor:
         self.window = window if isinstance(window, Window) else choose_window(volume.array, window)
         self.cache = cache if cache is not None else EmbeddingCache()
         self.encoder_dtype = autocast_dtype(model.device, precision)
-        self.batch_size = batch_size or (8 if model.device.type == "cuda" else 2)
+        self.batch_size = batch_size or default_batch_size(model)
         self.volume_hash = volume_content_hash(volume.array)
         self.encoder_calls = 0
         self.encoded_slices = 0
@@ -74,9 +121,21 @@ class VolumePredictor:
         return dtype_name(self.encoder_dtype)
 
     def slice_image(self, slice_index: int) -> np.ndarray:
-        """The windowed slice, (H, W) float32 in [0, 1]."""
+        """The windowed slice in [0, 1] float32: (H, W), or (H, W, 3) for a multi-channel volume.
+
+        Only this slice is read from the volume and converted to float (memory-mapped files stay lazy).
+        A two-channel volume's third model channel is the mean of the two.
+        """
         self._check_slice(slice_index)
-        return self.window.apply(self.volume.array[slice_index])
+        image = self.window.apply(self.volume.array[slice_index])
+        if image.ndim == 3 and image.shape[-1] == 2:
+            image = np.concatenate([image, image.mean(axis=-1, keepdims=True)], axis=-1)
+        return image
+
+    def slice_intensity(self, slice_index: int) -> np.ndarray:
+        """(H, W) float32 in [0, 1]: the windowed slice, or its brightest channel (where the body is)."""
+        image = self.slice_image(slice_index)
+        return image.max(axis=-1) if image.ndim == 3 else image
 
     def _check_slice(self, slice_index: int) -> None:
         if not 0 <= int(slice_index) < self.volume.num_slices:

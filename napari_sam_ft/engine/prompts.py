@@ -45,15 +45,34 @@ class SlicePrompt:
         return item
 
 
+def _shown(value) -> str:
+    """A number for a message; integers too long to print (Python refuses > 4300 digits) are summarised."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value) if value.bit_length() <= 64 else f"an integer of {len(format(value.bit_length()))}+ digits"
+    if isinstance(value, float):
+        return f"{value:g}"
+    try:
+        text = repr(value)
+    except ValueError:  # a list holding an integer too long to print
+        return f"a {type(value).__name__} holding a number too long to show"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _number(value, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise PromptError(f"{what} must be a finite number, got {value!r}")
-    return float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PromptError(f"{what} must be a finite number, got {_shown(value)}")
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise PromptError(f"{what} must be a finite number, got {_shown(value)}")
+    return number
 
 
 def _in_range(value: float, low: float, high: float, what: str) -> float:
     if not low <= value <= high:
-        raise PromptError(f"{what} = {value:g} is out of range {low:g}..{high:g}")
+        raise PromptError(f"{what} = {_shown(value)} is out of range {low:g}..{high:g}")
     return value
 
 
@@ -70,16 +89,16 @@ def parse_prompt_item(item, index: int, volume_shape: tuple[int, int, int]) -> S
         raise PromptError(f"{where}: needs a 'slice' index (0..{num_slices - 1})")
     slice_value = item["slice"]
     if isinstance(slice_value, bool) or not isinstance(slice_value, int):
-        raise PromptError(f"{where}: 'slice' must be an integer, got {slice_value!r}")
+        raise PromptError(f"{where}: 'slice' must be an integer, got {_shown(slice_value)}")
     _in_range(slice_value, 0, num_slices - 1, f"{where}: slice")
     label = item.get("label", 1)
     if isinstance(label, bool) or not isinstance(label, int) or not 1 <= label < 2**31:
-        raise PromptError(f"{where}: 'label' must be a positive integer, got {label!r}")
+        raise PromptError(f"{where}: 'label' must be a positive integer, got {_shown(label)}")
     box = None
     if "box" in item:
         raw = item["box"]
         if not isinstance(raw, list) or len(raw) != 4:
-            raise PromptError(f"{where}: 'box' must be [x_min, y_min, x_max, y_max], got {raw!r}")
+            raise PromptError(f"{where}: 'box' must be [x_min, y_min, x_max, y_max], got {_shown(raw)}")
         x0, y0, x1, y1 = (_number(value, f"{where}: box value") for value in raw)
         _in_range(x0, 0, width - 1, f"{where}: box x_min")
         _in_range(x1, 0, width - 1, f"{where}: box x_max")
@@ -92,7 +111,7 @@ def parse_prompt_item(item, index: int, volume_shape: tuple[int, int, int]) -> S
     if "points" in item:
         raw = item["points"]
         if not isinstance(raw, list) or not raw or not all(isinstance(p, list) and len(p) == 2 for p in raw):
-            raise PromptError(f"{where}: 'points' must be a non-empty list of [x, y] pairs, got {raw!r}")
+            raise PromptError(f"{where}: 'points' must be a non-empty list of [x, y] pairs, got {_shown(raw)}")
         if len(raw) > 1000:
             raise PromptError(f"{where}: {len(raw)} points is more than the 1000 allowed per object")
         points = np.array([[_number(x, f"{where}: point x"), _number(y, f"{where}: point y")] for x, y in raw], np.float32)
@@ -131,7 +150,7 @@ def load_prompts(path: str | Path, volume_shape: tuple[int, int, int]) -> list[S
         raise PromptError(f"{path}: cannot read prompt file ({error})") from error
     try:
         data = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as error:
+    except (ValueError, RecursionError) as error:  # ValueError: JSONDecodeError, or an integer too long to read
         raise PromptError(f"{path}: is not valid JSON ({error})") from error
     try:
         return parse_prompts(data, volume_shape)
