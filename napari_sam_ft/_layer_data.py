@@ -53,7 +53,7 @@ def volume_from_layer(data, metadata: dict | None, scale=None, translate=None, f
         source = geometry["source_path"]
         return Volume(array, tuple(geometry["spacing"]), np.asarray(geometry["affine"], dtype=float),
                       tuple(geometry["file_axes"]), Path(source) if source else None, geometry["file_format"],
-                      geometry["header"], tuple(geometry.get("flips", (False, False, False))))
+                      geometry["header"], flips=tuple(geometry.get("flips", (False, False, False))))
     scale = np.ones(3) if scale is None else np.asarray(scale, dtype=float)[-3:]
     translate = np.zeros(3) if translate is None else np.asarray(translate, dtype=float)[-3:]
     file_axes = (0, 1, 2) if file_path is None else default_file_axes(file_path)
