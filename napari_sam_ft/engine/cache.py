@@ -11,6 +11,8 @@ import hashlib
 import os
 import shutil
 import threading
+import time
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,9 @@ import torch
 
 DEFAULT_MEMORY_BUDGET_BYTES = 2 << 30
 DEFAULT_DISK_BUDGET_BYTES = 8 << 30
+# Eviction brings the disk tier down to this fraction of its budget, so it does not run on every write.
+DISK_EVICTION_TARGET = 0.9
+STALE_TEMPORARY_SECONDS = 3600  # a temporary file this old was left by a process that died mid-write
 
 
 def default_cache_dir() -> Path:
@@ -73,6 +78,8 @@ class EmbeddingCache:
         self._lock = threading.RLock()
         self.hits = 0
         self.misses = 0
+        self._disk_total: int | None = None  # bytes on disk, counted once then kept up to date
+        self._disk_failed = False
 
     # -- lookups ---------------------------------------------------------------------------------
     def get(self, key: CacheKey, slice_index: int) -> torch.Tensor | None:
@@ -147,38 +154,85 @@ class EmbeddingCache:
             return None
         try:
             array = np.load(path, allow_pickle=False)
-        except (OSError, ValueError):
+        except (OSError, ValueError, EOFError):
             path.unlink(missing_ok=True)  # a damaged entry is re-encoded, never trusted
             return None
-        os.utime(path)  # recency for eviction
+        if array.dtype != np.float16 or array.ndim != 3:
+            path.unlink(missing_ok=True)
+            return None
+        try:
+            os.utime(path)  # recency for eviction
+        except OSError:  # a read-only cache still serves its embeddings
+            pass
         return torch.from_numpy(array)
 
     def _write_disk(self, entry_key: tuple[str, int], embedding: torch.Tensor) -> None:
+        """Write one embedding atomically; a full or read-only disk leaves the memory tier working."""
         path = self._disk_path(entry_key)
-        if path is None or path.exists():
+        if path is None or self._disk_failed or path.exists():
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        with open(temporary, "wb") as handle:
-            np.save(handle, embedding.numpy(), allow_pickle=False)
-        os.replace(temporary, path)
-        self._enforce_disk_budget()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(temporary, "wb") as handle:
+                np.save(handle, embedding.numpy(), allow_pickle=False)
+            os.replace(temporary, path)
+        except OSError as error:
+            temporary.unlink(missing_ok=True)
+            self._disk_failed = True
+            warnings.warn(f"embedding cache: cannot write to {self.disk_dir} ({error}); "
+                          "embeddings are kept in memory only for this session", RuntimeWarning, stacklevel=3)
+            return
+        with self._lock:
+            if self._disk_total is not None:
+                self._disk_total += path.stat().st_size
+            over_budget = self._disk_total is None or self._disk_total > self.disk_budget_bytes
+        if over_budget:
+            self._enforce_disk_budget()
+
+    def _disk_entries(self) -> list[tuple[float, int, Path]]:
+        """(last use, size, path) of every embedding on disk; files vanishing meanwhile are skipped."""
+        assert self.disk_dir is not None
+        entries = []
+        now = time.time()
+        for path in self.disk_dir.glob("*/*"):
+            try:
+                status = path.stat()
+            except OSError:  # evicted by another process just now
+                continue
+            if path.name.startswith(".") and path.name.endswith(".tmp"):
+                if now - status.st_mtime > STALE_TEMPORARY_SECONDS:
+                    path.unlink(missing_ok=True)
+                continue
+            if path.name.startswith("slice_") and path.suffix == ".npy":
+                entries.append((status.st_mtime, status.st_size, path))
+        return entries
 
     def _enforce_disk_budget(self) -> None:
-        assert self.disk_dir is not None
-        files = [(path.stat().st_mtime, path.stat().st_size, path) for path in self.disk_dir.glob("*/slice_*.npy")]
-        total = sum(size for _, size, _ in files)
-        for _, size, path in sorted(files):
-            if total <= self.disk_budget_bytes:
-                break
-            path.unlink(missing_ok=True)
-            total -= size
+        """Count the disk tier; above its budget, delete the least recently used slices down to 90 % of it."""
+        with self._lock:
+            entries = self._disk_entries()
+            total = sum(size for _, size, _ in entries)
+            if total > self.disk_budget_bytes:
+                target = self.disk_budget_bytes * DISK_EVICTION_TARGET
+                for _, size, path in sorted(entries):
+                    if total <= target:
+                        break
+                    path.unlink(missing_ok=True)
+                    total -= size
+                    try:
+                        path.parent.rmdir()  # only succeeds once a volume's folder is empty
+                    except OSError:
+                        pass
+            self._disk_total = total
 
     def disk_bytes(self) -> int:
         if self.disk_dir is None or not self.disk_dir.exists():
             return 0
-        return sum(path.stat().st_size for path in self.disk_dir.glob("*/slice_*.npy"))
+        return sum(size for _, size, _ in self._disk_entries())
 
     def clear_disk(self) -> None:
         if self.disk_dir is not None and self.disk_dir.exists():
-            shutil.rmtree(self.disk_dir)
+            shutil.rmtree(self.disk_dir, ignore_errors=True)
+        with self._lock:
+            self._disk_total = None

@@ -48,7 +48,7 @@ class SlicePrompt:
 def _shown(value) -> str:
     """A number for a message; integers too long to print (Python refuses > 4300 digits) are summarised."""
     if isinstance(value, int) and not isinstance(value, bool):
-        return str(value) if value.bit_length() <= 64 else f"an integer of {len(format(value.bit_length()))}+ digits"
+        return str(value) if value.bit_length() <= 64 else f"an integer of about {int(value.bit_length() * 0.30103)} digits"
     if isinstance(value, float):
         return f"{value:g}"
     try:
