@@ -275,13 +275,26 @@ class VolumePredictor:
             box_prompt = torch.from_numpy(corners.reshape(-1, 4)).to(device)
         if mask_inputs is not None:
             mask_inputs = mask_inputs.to(device, torch.float32)
-        sparse, dense = sam.prompt_encoder(points=point_prompt, boxes=box_prompt, masks=mask_inputs)
-        low_res, iou = sam.mask_decoder(image_embeddings=embedding, image_pe=sam.prompt_encoder.get_dense_pe(),
-                                        sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                        multimask_output=multimask_output)
+        # The decoder runs under the same reduced precision as the encoder: on CPUs with native bf16 this
+        # cuts a click by about a quarter and leaves >99.9 % of mask pixels unchanged (see the benchmark).
+        with autocast_context(device, self.encoder_dtype):
+            sparse, dense = sam.prompt_encoder(points=point_prompt, boxes=box_prompt, masks=mask_inputs)
+            low_res, iou = sam.mask_decoder(image_embeddings=embedding, image_pe=self._dense_positional_encoding(),
+                                            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                            multimask_output=multimask_output)
+        low_res, iou = low_res.float(), iou.float()
         logits = preprocessing.logits_to_slice(low_res, height, width)
         self.last_decode_ms = (time.perf_counter() - started) * 1000.0
         return logits, iou, low_res
+
+    def _dense_positional_encoding(self) -> torch.Tensor:
+        """The prompt encoder's positional encoding of the embedding grid: the same for every click."""
+        encoder = self.model.sam.prompt_encoder
+        cached = getattr(self, "_positional_encoding", None)
+        if cached is None or cached[0] is not encoder or cached[1].device != self.model.device or encoder.training:
+            cached = (encoder, encoder.get_dense_pe())
+            self._positional_encoding = cached
+        return cached[1]
 
     # -- status ----------------------------------------------------------------------------------
     def status(self) -> dict:

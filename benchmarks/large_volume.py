@@ -1,0 +1,267 @@
+"""A laptop-sized real scan: a generated 512x512x600 int16 CT, opened, segmented, reopened and saved.
+
+Writes a synthetic CT (body ellipse with fat, muscle, lungs, heart, liver, spleen, kidneys, aorta, spine
+and pelvis at realistic Hounsfield units, plus noise) as an uncompressed .nii into a temporary folder,
+slice by slice, then measures with the embedded LiteMedSAM:
+
+* open: ``read_volume`` (memory-mapped) with its NaN/constant check;
+* predictor: content hash (the embedding-cache key) and the automatic CT window;
+* time to first mask: open + predictor + encoding one slice + one box prompt on the liver (Dice against
+  the phantom's own liver mask);
+* auto-segment: ``segment_volume`` over ``--slices N`` slices through the abdomen (default 8 on a laptop
+  CPU; the whole volume is N = 600);
+* reopen: the same file with a fresh embedding cache over the same disk folder: zero encoder passes;
+* session save and one autosave of the full-size labels;
+* peak resident memory of this process (``resource.getrusage``), which must stay under 8 GiB.
+
+    napari-sam-ft bench large [-- --slices 8 --shape 600,512,512 --keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+LIVER = 5  # TotalSegmentator's id, as in the sample labels
+PEAK_RSS_LIMIT_GIB = 8.0
+# (label id, HU) of the phantom's tissues
+AIR, FAT, MUSCLE, LUNG, HEART, LIVER_HU, SPLEEN, KIDNEY, AORTA, BONE, MARROW, BLADDER, GAS = (
+    -1000, -100, 45, -850, 40, 60, 50, 30, 180, 750, 250, 10, -900)
+
+
+def _ellipse(shape, cx: float, cy: float, ax: float, by: float) -> tuple[tuple[slice, slice], np.ndarray]:
+    """The bounding-box slices and the boolean ellipse inside it (only the box is computed)."""
+    height, width = shape
+    y0, y1 = max(int(cy - by) - 1, 0), min(int(cy + by) + 2, height)
+    x0, x1 = max(int(cx - ax) - 1, 0), min(int(cx + ax) + 2, width)
+    ys, xs = np.ogrid[y0:y1, x0:x1]
+    inside = ((xs - cx) / max(ax, 1e-3)) ** 2 + ((ys - cy) / max(by, 1e-3)) ** 2 <= 1.0
+    return (slice(y0, y1), slice(x0, x1)), inside
+
+
+def _paint(image, labels, value, label_id, cx, cy, ax, by) -> None:
+    if ax <= 0 or by <= 0:
+        return
+    region, inside = _ellipse(image.shape, cx, cy, ax, by)
+    image[region][inside] = value
+    if labels is not None:
+        labels[region][inside] = label_id
+
+
+def _profile(t: float, start: float, end: float) -> float:
+    """0 outside [start, end], rising to 1 in the middle: how large an organ is at height t."""
+    if not start < t < end:
+        return 0.0
+    return float(np.sin(np.pi * (t - start) / (end - start)) ** 0.5)
+
+
+def phantom_slice(z: int, num_slices: int, height: int, width: int, noise: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """One axial slice (int16 HU) and its organ labels; t = z / num_slices runs from pelvis (0) to neck (1)."""
+    t = z / max(num_slices - 1, 1)
+    scale = min(height, width) / 512.0
+    cx, cy = width / 2, height / 2 + 14 * scale
+    image = np.full((height, width), AIR, np.int16)
+    labels = np.zeros((height, width), np.uint8)
+    body_a, body_b = (190 - 40 * abs(t - 0.5)) * scale, (135 - 20 * abs(t - 0.5)) * scale
+    _paint(image, None, FAT, 0, cx, cy, body_a, body_b)
+    _paint(image, None, MUSCLE, 0, cx, cy, body_a - 14 * scale, body_b - 14 * scale)
+    lung = _profile(t, 0.6, 0.98)
+    for side in (-1, 1):
+        _paint(image, None, LUNG, 0, cx + side * 80 * scale, cy - 10 * scale, 62 * scale * lung, 85 * scale * lung)
+    heart = _profile(t, 0.64, 0.86)
+    _paint(image, None, HEART, 0, cx + 15 * scale, cy - 25 * scale, 58 * scale * heart, 52 * scale * heart)
+    liver = _profile(t, 0.42, 0.68)
+    _paint(image, labels, LIVER_HU, LIVER, cx - 70 * scale, cy - 5 * scale, 90 * scale * liver, 78 * scale * liver)
+    spleen = _profile(t, 0.48, 0.64)
+    _paint(image, labels, SPLEEN, 1, cx + 92 * scale, cy + 15 * scale, 32 * scale * spleen, 45 * scale * spleen)
+    kidney = _profile(t, 0.36, 0.52)
+    for side, label_id in ((-1, 2), (1, 3)):
+        _paint(image, labels, KIDNEY, label_id, cx + side * 78 * scale, cy + 55 * scale, 26 * scale * kidney,
+               38 * scale * kidney)
+    bladder = _profile(t, 0.03, 0.18)
+    _paint(image, None, BLADDER, 0, cx, cy - 10 * scale, 48 * scale * bladder, 40 * scale * bladder)
+    for index, (dx, dy) in enumerate(((-40, -40), (30, -55), (10, 10))):  # bowel gas
+        _paint(image, None, GAS, 0, cx + dx * scale, cy + dy * scale, 9 * scale * _profile(t, 0.2 + 0.05 * index, 0.42),
+               7 * scale * _profile(t, 0.2 + 0.05 * index, 0.42))
+    if 0.15 < t < 0.92:
+        _paint(image, None, AORTA, 0, cx + 18 * scale, cy + 62 * scale, 12 * scale, 12 * scale)
+    _paint(image, None, BONE, 0, cx, cy + 92 * scale, 24 * scale, 22 * scale)  # vertebral body
+    _paint(image, None, MARROW, 0, cx, cy + 92 * scale, 19 * scale, 17 * scale)
+    pelvis = _profile(t, -0.05, 0.22)
+    for side in (-1, 1):
+        _paint(image, None, BONE, 0, cx + side * 112 * scale, cy + 20 * scale, 30 * scale * pelvis, 60 * scale * pelvis)
+        _paint(image, None, MARROW, 0, cx + side * 112 * scale, cy + 20 * scale, 24 * scale * pelvis,
+               53 * scale * pelvis)
+    if noise is not None:
+        body = image > -950
+        image[body] += noise[body]
+    return image, labels
+
+
+def write_phantom_ct(path: Path, shape=(600, 512, 512), spacing=(1.0, 0.8, 0.8), seed: int = 0) -> Path:
+    """Write the phantom as an uncompressed int16 NIfTI, one slice at a time (never the whole volume in memory)."""
+    import nibabel as nib
+
+    num_slices, height, width = shape
+    affine = np.diag([spacing[2], spacing[1], spacing[0], 1.0])  # voxel (i, j, k) = (x, y, z)
+    header = nib.Nifti1Header()
+    header.set_data_shape((width, height, num_slices))
+    header.set_data_dtype(np.int16)
+    header.set_zooms((spacing[2], spacing[1], spacing[0]))
+    header.set_qform(affine, code=1)
+    header.set_sform(affine, code=1)
+    header.set_slope_inter(1.0, 0.0)
+    header["vox_offset"] = 352
+    rng = np.random.default_rng(seed)
+    noise_bank = rng.normal(0.0, 12.0, size=(4, height, width)).astype(np.int16)
+    with open(path, "wb") as handle:
+        header.write_to(handle)
+        handle.write(b"\0" * (352 - handle.tell()))
+        for z in range(num_slices):
+            image, _ = phantom_slice(z, num_slices, height, width, np.roll(noise_bank[z % 4], z * 7, axis=1))
+            handle.write(np.ascontiguousarray(image).tobytes())  # (Y, X) C order = NIfTI's x-fastest order
+    return path
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def current_rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return None
+
+
+def _gib(value: int | None) -> str:
+    return "-" if value is None else f"{value / 2**30:.2f}"
+
+
+def run(args, folder: Path) -> list[tuple[str, str, str, str]]:
+    from napari_sam_ft.engine.automatic import segment_volume
+    from napari_sam_ft.engine.cache import EmbeddingCache
+    from napari_sam_ft.engine.predictor import VolumePredictor
+    from napari_sam_ft.engine.prompts import box_from_mask
+    from napari_sam_ft.metrics import dice
+    from napari_sam_ft.models.registry import load_model
+    from napari_sam_ft.session import SessionState, save_session, write_autosave
+    from napari_sam_ft.volume import read_volume
+
+    rows: list[tuple[str, str, str, str]] = []
+
+    def row(step: str, seconds: float, note: str = "") -> None:
+        rows.append((step, f"{seconds:.2f}", _gib(current_rss_bytes()), note))
+        print(f"  {step}: {seconds:.2f} s, RSS {_gib(current_rss_bytes())} GiB {note}", file=sys.stderr)
+
+    shape = tuple(args.shape)
+    path = folder / "phantom_ct.nii"
+    started = time.perf_counter()
+    write_phantom_ct(path, shape)
+    row("generate + write .nii", time.perf_counter() - started,
+        f"{path.stat().st_size / 2**20:.0f} MiB int16 {shape[2]}x{shape[1]}x{shape[0]}")
+
+    started = time.perf_counter()
+    model = load_model("litemedsam", device=args.device)
+    row("load model", time.perf_counter() - started, f"{model.name} on {model.device}")
+
+    cache_dir = folder / "embeddings"
+    opened = time.perf_counter()
+    volume = read_volume(path)
+    row("open (memory-mapped, checked)", time.perf_counter() - opened, f"{type(volume.array).__name__}")
+    started = time.perf_counter()
+    predictor = VolumePredictor(model, volume, cache=EmbeddingCache(disk_dir=cache_dir))
+    row("content hash + window", time.perf_counter() - started, f"window {predictor.window.name}")
+
+    num_slices, height, width = shape
+    liver_slice = int(0.55 * (num_slices - 1))
+    _, reference = phantom_slice(liver_slice, num_slices, height, width)
+    liver = reference == LIVER
+    started = time.perf_counter()
+    predictor.set_slice(liver_slice)
+    row("encode 1 slice", time.perf_counter() - started, f"slice {liver_slice}")
+    started = time.perf_counter()
+    prediction = predictor.predict(box=box_from_mask(liver, margin=3))
+    row("box prompt -> mask", time.perf_counter() - started, f"liver Dice {dice(prediction.mask, liver):.3f}")
+    first_mask = time.perf_counter() - opened
+    row("TIME TO FIRST MASK (open..mask)", first_mask, "excludes the one-off model load")
+
+    first = max(0, liver_slice - args.slices // 2)
+    auto_slices = range(first, min(num_slices, first + args.slices))
+    started = time.perf_counter()
+    labels = segment_volume(predictor, slice_indices=auto_slices)
+    seconds = time.perf_counter() - started
+    row(f"AUTO-SEGMENT {len(auto_slices)} slices", seconds,
+        f"{seconds / len(auto_slices):.2f} s/slice -> {seconds / len(auto_slices) * num_slices / 60:.1f} min for all "
+        f"{num_slices}; {int(labels.max())} objects; {predictor.encoder_calls} encoder passes")
+
+    started = time.perf_counter()
+    reopened = read_volume(path)
+    second = VolumePredictor(model, reopened, cache=EmbeddingCache(disk_dir=cache_dir))
+    second.predict(box=box_from_mask(liver, margin=3), slice_index=liver_slice)
+    row("reopen + first mask (disk cache)", time.perf_counter() - started,
+        f"{second.encoder_calls} encoder passes (must be 0)")
+    if second.encoder_calls != 0:
+        raise RuntimeError("reopening the volume ran the encoder: the disk cache did not serve it")
+
+    labels[liver_slice][prediction.mask & (labels[liver_slice] == 0)] = 100
+    state = SessionState(str(path), predictor.volume_hash, volume.shape, reviewed_slices=[liver_slice])
+    started = time.perf_counter()
+    session_path = save_session(folder / "phantom.session.json", state, labels, like=volume)
+    labels_file = session_path.parent / state.labels_file
+    row("save session (labels .nii.gz)", time.perf_counter() - started, f"{labels_file.stat().st_size / 2**20:.1f} MiB")
+    os.environ.setdefault("NAPARI_SAM_FT_AUTOSAVE", str(folder / "autosave"))
+    started = time.perf_counter()
+    autosave = write_autosave(path, labels, edits=1)
+    row("one autosave (.npz, zlib 1)", time.perf_counter() - started, f"{autosave.stat().st_size / 2**20:.1f} MiB")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="napari-sam-ft bench large", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--slices", type=int, default=8, help="slices to auto-segment (default 8; 600 = all)")
+    parser.add_argument("--shape", type=lambda text: [int(value) for value in text.split(",")], default=[600, 512, 512],
+                        help="Z,Y,X of the generated CT (default 600,512,512)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or mps (default cpu)")
+    parser.add_argument("--keep", default=None, help="write into this folder and keep the files")
+    args = parser.parse_args(argv)
+    if len(args.shape) != 3 or min(args.shape) < 8:
+        parser.error("--shape needs three sizes of at least 8, e.g. 600,512,512")
+    args.slices = max(1, min(args.slices, args.shape[0]))
+
+    import torch
+
+    if args.keep:
+        folder = Path(args.keep)
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = run(args, folder)
+    else:
+        with tempfile.TemporaryDirectory(prefix="napari-sam-ft-large-") as temporary:
+            rows = run(args, Path(temporary))
+    peak = peak_rss_bytes()
+    print(f"\nLarge volume: {args.shape[2]}x{args.shape[1]}x{args.shape[0]} int16 CT, LiteMedSAM on {args.device}, "
+          f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs")
+    print(f"{'step':<36} {'seconds':>8} {'RSS GiB':>8}  note")
+    for step, seconds, rss, note in rows:
+        print(f"{step:<36} {seconds:>8} {rss:>8}  {note}")
+    verdict = "within" if peak <= PEAK_RSS_LIMIT_GIB * 2**30 else "OVER"
+    print(f"{'PEAK RSS':<36} {'':>8} {_gib(peak):>8}  {verdict} the {PEAK_RSS_LIMIT_GIB:g} GiB budget")
+    return 0 if verdict == "within" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,349 @@
+"""Session panel: save and open sessions, mark slices reviewed, autosave the labels, offer to restore them.
+
+The panel talks to layers only. It reads prompts from the segment widget's "SAM points"/"SAM boxes" layers
+and the model choices from the image layer's metadata (``CHOICES_KEY``), and autosaves the chosen Labels
+layer every N edits through ``session.Autosaver`` (the write runs in a thread; the copy is taken here).
+While an earlier autosave of the image waits to be restored or discarded, autosave is paused, so the
+labels it holds are never overwritten.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from napari.layers import Image, Labels, Points, Shapes
+from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtCore import Signal
+from qtpy.QtWidgets import (QFileDialog, QFormLayout, QFrame, QHBoxLayout, QLabel, QPushButton, QVBoxLayout,
+                            QWidget)
+
+from .._layer_data import GEOMETRY_KEY, image_layer_data, labels_layer_data, volume_from_layer
+from ..engine.prompts import SlicePrompt, points_zyx_to_prompts, rectangle_zyx_to_box
+from ..session import (AUTOSAVE_EVERY_EDITS, SESSION_SUFFIX, AutosaveInfo, Autosaver, SessionError, discard_autosave,
+                       find_recoverable_autosave, open_session, restore_autosave, save_session, session_from_volume)
+from ..volume import VolumeError
+from ._events import Hookups
+from ._layer_combo import LayerComboBox
+from ._layers import (BOXES_NAME, NEGATIVE, POINTS_NAME, POSITIVE, PREVIEW_NAME, current_slice_index,
+                      geometry_kwargs, make_boxes_layer, make_points_layer)
+
+# Image-layer metadata where the model choices of a session live (the segment widget may read and write it).
+CHOICES_KEY = "napari_sam_ft_choices"
+CHOICE_FIELDS = ("model_name", "checkpoint", "adapter_dir", "window", "axis", "channels")
+
+
+def image_source_path(image: Image | None) -> Path | None:
+    """The file an image layer was read from (our reader's geometry metadata, or napari's layer source)."""
+    if image is None:
+        return None
+    geometry = image.metadata.get(GEOMETRY_KEY) or {}
+    source = geometry.get("source_path") or getattr(image.source, "path", None)
+    return Path(source) if source else None
+
+
+class LabelsAutosave:
+    """Connects a Labels layer's paint and data events to an ``Autosaver``; ``disconnect()`` undoes it."""
+
+    def __init__(self, labels: Labels, autosaver: Autosaver):
+        self.labels = labels
+        self.autosaver = autosaver
+        self._emitters = (labels.events.paint, labels.events.data)
+        for emitter in self._emitters:
+            emitter.connect(self._edited)
+
+    def _edited(self, _event=None) -> None:
+        self.autosaver.record_edit()
+
+    def disconnect(self) -> None:
+        for emitter in self._emitters:
+            emitter.disconnect(self._edited)
+
+
+def connect_autosave(labels: Labels, image_path: str | Path, every_edits: int = AUTOSAVE_EVERY_EDITS,
+                     on_saved=None, on_error=None) -> LabelsAutosave:
+    """Autosave ``labels`` for ``image_path`` every ``every_edits`` paint/data edits, writing in a thread."""
+    autosaver = Autosaver(image_path, lambda: labels.data, every_edits=every_edits, layer_name=labels.name,
+                          background=True, on_saved=on_saved, on_error=on_error)
+    return LabelsAutosave(labels, autosaver)
+
+
+class SessionPanel(QWidget):
+    """Dock widget: Save/Open session, Mark slice reviewed, autosave status and the restore prompt."""
+
+    autosaved = Signal(str)  # emitted from the autosave thread; Qt delivers it on the GUI thread
+    autosave_failed = Signal(str)
+
+    def __init__(self, napari_viewer, every_edits: int = AUTOSAVE_EVERY_EDITS, parent=None):
+        super().__init__(parent)
+        self._viewer = napari_viewer
+        self.every_edits = every_edits
+        self.reviewed_slices: set[int] = set()
+        self.recoverable: AutosaveInfo | None = None
+        self._autosave: LabelsAutosave | None = None
+        self._hookups = Hookups(self)
+        self._hookups.on_release(self._stop_autosave)
+        self._build()
+        self.autosaved.connect(self._show_autosaved)
+        self.autosave_failed.connect(lambda message: show_warning(f"autosave failed: {message}"))
+        self._hookups.connect(napari_viewer.dims.events.current_step, self._update_reviewed_text)
+        self.image_combo.currentIndexChanged.connect(self._image_changed)
+        self.labels_combo.currentIndexChanged.connect(lambda _index: self._start_autosave())
+        self._image_changed()
+
+    def _build(self) -> None:
+        viewer = self._viewer
+        self.image_combo = LayerComboBox(viewer, Image)
+        self.labels_combo = LayerComboBox(viewer, Labels, exclude_names=(PREVIEW_NAME,))
+        self.save_button = QPushButton("Save session…")
+        self.open_button = QPushButton("Open session…")
+        self.review_button = QPushButton("Mark slice reviewed")
+        self.reviewed_label = QLabel()
+        self.autosave_label = QLabel("Autosave: no labels layer yet")
+        self.autosave_label.setWordWrap(True)
+        self.restore_message = QLabel()
+        self.restore_message.setWordWrap(True)
+        self.restore_button = QPushButton("Restore")
+        self.discard_button = QPushButton("Discard")
+        self.restore_frame = QFrame()
+        self.restore_frame.setFrameShape(QFrame.Shape.StyledPanel)
+        restore_layout = QVBoxLayout(self.restore_frame)
+        restore_layout.addWidget(self.restore_message)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.restore_button)
+        buttons.addWidget(self.discard_button)
+        restore_layout.addLayout(buttons)
+        self.restore_frame.setVisible(False)
+
+        form = QFormLayout()
+        form.addRow("Image", self.image_combo)
+        form.addRow("Labels", self.labels_combo)
+        layout = QVBoxLayout(self)
+        layout.addWidget(self.restore_frame)
+        layout.addLayout(form)
+        session_buttons = QHBoxLayout()
+        session_buttons.addWidget(self.save_button)
+        session_buttons.addWidget(self.open_button)
+        layout.addLayout(session_buttons)
+        layout.addWidget(self.review_button)
+        layout.addWidget(self.reviewed_label)
+        layout.addWidget(self.autosave_label)
+        layout.addStretch(1)
+
+        self.save_button.clicked.connect(self._ask_save)
+        self.open_button.clicked.connect(self._ask_open)
+        self.review_button.clicked.connect(self.toggle_reviewed)
+        self.restore_button.clicked.connect(self.restore)
+        self.discard_button.clicked.connect(self.discard)
+
+    # -- layers ----------------------------------------------------------------------------------
+    @property
+    def image_layer(self) -> Image | None:
+        return self.image_combo.current_layer()
+
+    @property
+    def labels_layer(self) -> Labels | None:
+        labels = self.labels_combo.current_layer()
+        image = self.image_layer
+        if labels is None or image is None or tuple(labels.data.shape) != tuple(image.data.shape[:3]):
+            return None
+        return labels
+
+    def _image_changed(self, *_args) -> None:
+        self.reviewed_slices = set()
+        self._update_reviewed_text()
+        self.check_for_autosave()
+        self._start_autosave()
+
+    # -- autosave --------------------------------------------------------------------------------
+    def check_for_autosave(self) -> AutosaveInfo | None:
+        """Offer to restore labels autosaved for the chosen image by a session that ended without saving."""
+        path = image_source_path(self.image_layer)
+        self.recoverable = find_recoverable_autosave(path) if path is not None and path.exists() else None
+        info = self.recoverable
+        if info is not None:
+            changed = " The image file changed since; check the labels fit." if info.image_changed else ""
+            self.restore_message.setText(f"Unsaved labels for {path.name} from {info.saved_at_text} ({info.edits} "
+                                         f"edits) were found. Restore them as a new labels layer?{changed} "
+                                         "Autosave is paused until you choose.")
+        self.restore_frame.setVisible(info is not None)
+        return info
+
+    def _start_autosave(self) -> None:
+        self._stop_autosave()
+        path, labels = image_source_path(self.image_layer), self.labels_layer
+        if self.recoverable is not None:
+            self.autosave_label.setText("Autosave: paused until the earlier autosave is restored or discarded")
+        elif path is None:
+            self.autosave_label.setText("Autosave: off (the image was not opened from a file)")
+        elif labels is None:
+            self.autosave_label.setText("Autosave: choose a labels layer of the image's shape")
+        else:
+            self._autosave = connect_autosave(labels, path, self.every_edits, on_saved=self._emit_autosaved,
+                                              on_error=lambda error: self.autosave_failed.emit(str(error)))
+            self.autosave_label.setText(f"Autosave: every {self.every_edits} edits of {labels.name!r}")
+
+    def _stop_autosave(self) -> None:
+        if self._autosave is not None:
+            self._autosave.disconnect()
+            self._autosave.autosaver.wait()
+            self._autosave = None
+
+    @property
+    def autosaver(self) -> Autosaver | None:
+        return None if self._autosave is None else self._autosave.autosaver
+
+    def _emit_autosaved(self, path: Path) -> None:
+        self.autosaved.emit(str(path))
+
+    def _show_autosaved(self, _path: str) -> None:
+        from datetime import datetime
+
+        if self._autosave is not None:
+            self.autosave_label.setText(f"Autosaved {datetime.now():%H:%M:%S} ({self._autosave.autosaver.total_edits} "
+                                        f"edits of {self._autosave.labels.name!r}); every {self.every_edits} edits")
+
+    def restore(self) -> Labels | None:
+        """Add the recoverable autosave as a new Labels layer over the image; autosave then resumes on it."""
+        image, info = self.image_layer, self.recoverable
+        if image is None or info is None:
+            return None
+        try:
+            labels = restore_autosave(info, like=volume_from_layer(image.data, image.metadata))
+        except (SessionError, VolumeError) as error:
+            show_error(str(error))
+            return None
+        name = f"{info.layer_name or image.name} (restored {info.saved_at_text})"
+        layer = self._viewer.add_labels(labels, name=name, **geometry_kwargs(image))
+        self.recoverable = None
+        self.restore_frame.setVisible(False)
+        self.labels_combo.select_layer(layer)
+        self._start_autosave()
+        return layer
+
+    def discard(self) -> None:
+        """Delete the earlier autosave (after the user said so) and resume autosaving."""
+        path = image_source_path(self.image_layer)
+        if path is not None:
+            discard_autosave(path)
+        self.recoverable = None
+        self.restore_frame.setVisible(False)
+        self._start_autosave()
+
+    # -- reviewed slices -------------------------------------------------------------------------
+    def toggle_reviewed(self) -> None:
+        image = self.image_layer
+        if image is None:
+            return
+        index = current_slice_index(self._viewer, image)
+        self.reviewed_slices ^= {index}
+        self._update_reviewed_text()
+
+    def _update_reviewed_text(self, *_args) -> None:
+        image = self.image_layer
+        if image is None:
+            self.reviewed_label.setText("Reviewed: no image")
+            return
+        current = current_slice_index(self._viewer, image)
+        self.review_button.setText("Unmark slice reviewed" if current in self.reviewed_slices
+                                   else "Mark slice reviewed")
+        self.reviewed_label.setText(f"Reviewed: {len(self.reviewed_slices)} of {image.data.shape[0]} slices "
+                                    f"(slice {current}: {'yes' if current in self.reviewed_slices else 'no'})")
+
+    # -- save and open ---------------------------------------------------------------------------
+    def _ask_save(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Save session", "", f"napari-sam-ft session (*{SESSION_SUFFIX})")
+        if path:
+            if not path.endswith(SESSION_SUFFIX):
+                path += SESSION_SUFFIX
+            self.save(path)
+
+    def _ask_open(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Open session", "", f"napari-sam-ft session (*{SESSION_SUFFIX})")
+        if path:
+            self.open(path)
+
+    def _prompts(self, num_slices: int) -> list[SlicePrompt]:
+        prompts: list[SlicePrompt] = []
+        layers = {layer.name: layer for layer in self._viewer.layers}
+        points, boxes = layers.get(POINTS_NAME), layers.get(BOXES_NAME)
+        if isinstance(points, Points) and len(points.data):
+            positive = np.asarray(points.features["prompt"].astype(str) == POSITIVE)
+            prompts += points_zyx_to_prompts(points.data, positive)
+        if isinstance(boxes, Shapes):
+            for corners, shape_type in zip(boxes.data, boxes.shape_type):
+                if shape_type == "rectangle" and np.asarray(corners).shape[-1] == 3:
+                    slice_index, box = rectangle_zyx_to_box(corners)
+                    prompts.append(SlicePrompt(slice_index, 1, box))
+        return [prompt for prompt in prompts if 0 <= prompt.slice_index < num_slices]
+
+    def save(self, session_path: str | Path) -> Path | None:
+        """Save the image's session (labels, prompts, choices, reviewed slices); the autosave is then removed."""
+        image, labels = self.image_layer, self.labels_layer
+        if image is None:
+            show_error("choose an image layer to save a session of")
+            return None
+        try:
+            volume = volume_from_layer(image.data, image.metadata, image.scale, image.translate)
+            choices = {key: value for key, value in (image.metadata.get(CHOICES_KEY) or {}).items()
+                       if key in CHOICE_FIELDS}
+            state = session_from_volume(volume, reviewed_slices=sorted(self.reviewed_slices),
+                                        prompts=self._prompts(volume.num_slices), **choices)
+            path = save_session(session_path, state, None if labels is None else np.asarray(labels.data), like=volume)
+        except (SessionError, VolumeError, OSError) as error:
+            show_error(f"cannot save the session: {error}")
+            return None
+        if self._autosave is not None:
+            self._autosave.autosaver.discard()  # everything is in the session now
+        show_info(f"session saved to {path}")
+        return path
+
+    def open(self, session_path: str | Path) -> tuple[Image, Labels | None] | None:
+        """Open a session: its image (reused if already open), labels, prompts, choices and reviewed slices."""
+        try:
+            opened = open_session(session_path)
+        except (SessionError, VolumeError) as error:
+            show_error(f"cannot open the session: {error}")
+            return None
+        for warning in opened.warnings:
+            show_warning(warning)
+        state, volume = opened.state, opened.volume
+        image = next((layer for layer in self._viewer.layers if isinstance(layer, Image)
+                      and image_source_path(layer) is not None
+                      and image_source_path(layer).resolve() == Path(state.image_path).resolve()
+                      and tuple(layer.data.shape) == tuple(volume.array.shape)), None)
+        if image is None:
+            data, kwargs, _ = image_layer_data(volume)
+            image = self._viewer.add_image(data, **kwargs)
+        image.metadata[CHOICES_KEY] = {key: getattr(state, key) for key in CHOICE_FIELDS}
+        labels = None
+        if opened.labels is not None:
+            data, kwargs, _ = labels_layer_data(volume.with_array(opened.labels), name=f"{volume.name} labels")
+            labels = self._viewer.add_labels(data, **kwargs)
+        self._add_prompts(image, state.prompts)
+        self.image_combo.select_layer(image)
+        self.reviewed_slices = set(state.reviewed_slices)
+        if labels is not None:
+            self.labels_combo.select_layer(labels)
+        self._update_reviewed_text()
+        show_info(f"opened session {session_path}")
+        return image, labels
+
+    def _add_prompts(self, image: Image, prompts: list[SlicePrompt]) -> None:
+        if not prompts:
+            return
+        layers = {layer.name: layer for layer in self._viewer.layers}
+        points = layers.get(POINTS_NAME) if isinstance(layers.get(POINTS_NAME), Points) else None
+        boxes = layers.get(BOXES_NAME) if isinstance(layers.get(BOXES_NAME), Shapes) else None
+        for prompt in prompts:
+            z = float(prompt.slice_index)
+            if prompt.points is not None:
+                points = points if points is not None else make_points_layer(self._viewer, image)
+                for (x, y), sign in zip(prompt.points, prompt.point_labels):
+                    points.feature_defaults = {"prompt": POSITIVE if sign else NEGATIVE}
+                    points.add([[z, float(y), float(x)]])
+                points.feature_defaults = {"prompt": POSITIVE}
+            if prompt.box is not None:
+                boxes = boxes if boxes is not None else make_boxes_layer(self._viewer, image)
+                x0, y0, x1, y1 = (float(value) for value in prompt.box)
+                boxes.add_rectangles(np.array([[z, y0, x0], [z, y0, x1], [z, y1, x1], [z, y1, x0]]))

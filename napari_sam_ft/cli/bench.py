@@ -1,0 +1,43 @@
+"""``napari-sam-ft bench NAME``: run one of the scripts in the repository's ``benchmarks/`` folder.
+
+The benchmarks print tables and assert nothing; they live beside the tests, in the source checkout.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+BENCHMARKS = {
+    "encoder": ("engine_bench.py", "encoder s/slice (fp32 vs bf16), click latency, auto-segment vs a naive loop"),
+    "compare": ("compare_naive.py", "Dice of the naive LiteMedSAM loop against napari-sam-ft on the same slices"),
+    "finetune": ("finetune_bench.py", "zero-shot vs decoder/lora/full adapting, in none and box modes"),
+    "large": ("large_volume.py", "a generated 512x512x600 CT: peak RSS, time to first mask, auto-segment time"),
+    "gui": ("gui_latency.py", "click-to-preview latency and UI responsiveness in a real viewer (needs a display)"),
+}
+
+
+def benchmarks_dir() -> Path:
+    return Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def register(subparsers) -> None:
+    bench = subparsers.add_parser("bench", help="run a benchmark and print its table",
+                                  description="Benchmarks: " + "; ".join(f"{name}: {text}"
+                                                                         for name, (_, text) in BENCHMARKS.items()))
+    bench.add_argument("name", choices=tuple(BENCHMARKS))
+    bench.add_argument("options", nargs="*", help="options for the benchmark (after --), e.g. -- --slices 4")
+    bench.set_defaults(run=run_bench)
+
+
+def run_bench(args) -> int:
+    script = benchmarks_dir() / BENCHMARKS[args.name][0]
+    if not script.exists():
+        raise RuntimeError(f"benchmark script {script} not found: benchmarks ship with the source checkout "
+                           "(install with pip install -e .)")
+    spec = importlib.util.spec_from_file_location(f"napari_sam_ft_benchmark_{args.name}", script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return int(module.main(list(args.options)) or 0)
