@@ -148,6 +148,17 @@ def read_volume(path: str | os.PathLike, *, slicing_axis: int | None = None, cha
     file_format = file_format_of(path)
     data, affine, header = _read_any(path, file_format)
     data = _select_3d(data, path, channel)
+    array, affine, spacing, file_axes, flips = _display_order(data, affine, slicing_axis, file_format, path)
+    if check_values:
+        check_intensities(array, path)
+    return Volume(array, spacing, affine, file_axes, path, file_format, header, flips=flips)
+
+
+def _display_order(data: np.ndarray, affine, slicing_axis: int | None, file_format: str, path: Path):
+    """File data (3D, or 4D with channels last) as a (Z, Y, X[, C]) view, with its geometry.
+
+    Returns (array, affine, spacing, file_axes, flips); only views are made, so memory-mapped data stays lazy.
+    """
     if slicing_axis is None:
         slicing_axis = 2 if file_format == "nifti" else 0
     file_axes = slicing_axes(slicing_axis, file_format)
@@ -155,13 +166,11 @@ def read_volume(path: str | os.PathLike, *, slicing_axis: int | None = None, cha
     if file_format == "nifti":
         file_axes, flips = radiological_axes(affine, slicing_axis)
     affine, spacing = _checked_geometry(affine, file_axes, path)
-    array = np.transpose(data, file_axes)
+    array = np.transpose(data, (*file_axes, *range(3, data.ndim)))
     flipped_axes = tuple(axis for axis, flipped in enumerate(flips) if flipped)
     if flipped_axes:
         array = np.flip(array, flipped_axes)  # a view: memory-mapped files stay lazy
-    if check_values:
-        check_intensities(array, path)
-    return Volume(array, spacing, affine, file_axes, path, file_format, header, flips=flips)
+    return array, affine, spacing, file_axes, flips
 
 
 def _read_any(path: Path, file_format: str):
@@ -220,9 +229,60 @@ def _read_nifti(path: Path):
     import nibabel as nib
 
     image = nib.load(str(path))
-    # asanyarray keeps an uncompressed file memory-mapped instead of loading it whole.
-    data = np.asanyarray(image.dataobj)
-    return data, image.affine, image.header
+    _check_declared_size(path, image.header)
+    proxy = image.dataobj
+    slope, inter = float(getattr(proxy, "slope", 1.0)), float(getattr(proxy, "inter", 0.0))
+    if (slope, inter) == (1.0, 0.0) or not hasattr(proxy, "get_unscaled"):
+        # asanyarray keeps an uncompressed file memory-mapped instead of loading it whole.
+        return np.asanyarray(proxy), image.affine, image.header
+    return _scaled(proxy.get_unscaled(), slope, inter), image.affine, image.header
+
+
+# Deflate expands at most ~1032:1, so a .nii.gz cannot hold more voxel bytes than this many times its size.
+MAX_GZIP_EXPANSION = 1100
+
+
+def _check_declared_size(path: Path, header) -> None:
+    """Refuse a header that declares more voxel data than the file can hold (a damaged or truncated file),
+    before anything tries to allocate or decompress that much."""
+    shape = tuple(int(size) for size in header.get_data_shape())
+    declared = int(np.prod(shape, dtype=object)) * header.get_data_dtype().itemsize
+    expansion = MAX_GZIP_EXPANSION if path.name.lower().endswith(".gz") else 1
+    available = path.stat().st_size * expansion
+    if declared > available:
+        raise VolumeError(f"{path}: the header declares {shape} voxels of {header.get_data_dtype()} "
+                          f"({declared / 2**20:.1f} MiB) but the file can hold at most {available / 2**20:.1f} MiB; "
+                          "it is truncated or its header is damaged")
+
+
+def _scaled(raw: np.ndarray, slope: float, inter: float) -> np.ndarray:
+    """``raw * slope + inter`` (a NIfTI's scl_slope/scl_inter), computed slab by slab.
+
+    nibabel would return the whole volume as float64 (1.2 GiB for a 512x512x600 CT). Integer data with an
+    integer slope and intercept (CT stored as uint16 with intercept -1024) stays integer, in the smallest type
+    holding its actual values; anything else becomes float32. The result keeps the file's (Fortran) layout,
+    so (Z, Y, X) slices of it stay contiguous.
+    """
+    integer = raw.dtype.kind in "iub" and slope.is_integer() and inter.is_integer()
+    axis = min(2, raw.ndim - 1)  # slabs along the NIfTI slice axis
+    step = max(1, (4 << 20) // max(1, raw.nbytes // max(1, raw.shape[axis])))  # ~4 MiB of working memory
+    slabs = [tuple(slice(start, start + step) if index == axis else slice(None) for index in range(raw.ndim))
+             for start in range(0, raw.shape[axis], step)]
+    dtype = np.dtype(np.float32)
+    if integer and raw.size:
+        low = min(int(np.min(raw[slab])) for slab in slabs)
+        high = max(int(np.max(raw[slab])) for slab in slabs)
+        ends = sorted((low * int(slope) + int(inter), high * int(slope) + int(inter)))
+        dtype = next((np.dtype(candidate) for candidate in (np.int16, np.int32, np.int64)
+                      if np.iinfo(candidate).min <= ends[0] and ends[1] <= np.iinfo(candidate).max), dtype)
+    scaled = np.empty(raw.shape, dtype, order="F")
+    for slab in slabs:
+        values = np.asarray(raw[slab]).astype(dtype)
+        values *= dtype.type(slope)
+        values += dtype.type(inter)
+        scaled[slab] = values
+        del values  # before the next slab is made: one slab of working memory at a time
+    return scaled
 
 
 def _read_tiff(path: Path):
@@ -337,12 +397,9 @@ def _read_4d_channels(path: Path, channels, slicing_axis: int | None) -> Volume:
         data = data[..., chosen[0]:chosen[-1] + 1]  # a view: memory-mapped files stay mapped
     else:
         data = data[..., chosen]
-    if slicing_axis is None:
-        slicing_axis = 2 if file_format == "nifti" else 0
-    file_axes = slicing_axes(slicing_axis, file_format)
-    affine, spacing = _checked_geometry(affine, file_axes, path)
+    array, affine, spacing, file_axes, flips = _display_order(data, affine, slicing_axis, file_format, path)
     names = tuple(f"{path.name}[{channel}]" for channel in chosen)
-    return Volume(np.transpose(data, (*file_axes, 3)), spacing, affine, file_axes, path, file_format, header, names)
+    return Volume(array, spacing, affine, file_axes, path, file_format, header, names, flips)
 
 
 def _stack_channel_files(paths: list[Path], channels, slicing_axis: int | None) -> Volume:
@@ -358,10 +415,13 @@ def _stack_channel_files(paths: list[Path], channels, slicing_axis: int | None) 
         if not np.allclose(volume.affine, first.affine, atol=1e-3):
             raise VolumeError(f"{volume.source_path}: its voxel-to-world geometry differs from {first.source_path}'s; "
                               "channels must be co-registered on one grid (resample them first)")
+        if volume.file_axes != first.file_axes or volume.flips != first.flips:
+            raise VolumeError(f"{volume.source_path}: its voxel order differs from {first.source_path}'s; "
+                              "channels must be co-registered on one grid (resample them first)")
     array = np.stack([np.asarray(volume.array) for volume in volumes], axis=-1)
     names = tuple(volume.source_path.name for volume in volumes)
     return Volume(array, first.spacing, first.affine, first.file_axes, first.source_path, first.file_format,
-                  first.header, names)
+                  first.header, names, first.flips)
 
 
 def check_intensities(array: np.ndarray, path: Path | str | None = None) -> None:
@@ -383,8 +443,10 @@ def check_intensities(array: np.ndarray, path: Path | str | None = None) -> None
             bad = int((~np.isfinite(slab)).sum())
             raise VolumeError(f"{where}contains {bad} NaN or infinite voxels in slices {start}..{start + len(slab) - 1}; "
                               "fix or mask them before segmenting")
-        slab = slab.reshape(-1, channels)
-        low, high = np.minimum(low, slab.min(axis=0)), np.maximum(high, slab.max(axis=0))
+        # Reductions over axes, not a reshape: a flipped or transposed memory-mapped view is not copied.
+        spatial = tuple(range(3))
+        low = np.minimum(low, slab.min(axis=spatial).reshape(-1))
+        high = np.maximum(high, slab.max(axis=spatial).reshape(-1))
     for channel in range(channels):
         if low[channel] == high[channel]:
             which = f"channel {channel} " if channels > 1 else ""
@@ -423,7 +485,9 @@ def write_volume(path: str | os.PathLike, array_zyx: np.ndarray, like: Volume | 
             import nibabel as nib
 
             header = like.header.copy() if like.header is not None and hasattr(like.header, "copy") else None
-            image = nib.Nifti1Image(np.ascontiguousarray(data), like.affine, header=header)
+            # NIfTI stores voxels x-fastest (Fortran order): the (Z, Y, X) -> file transpose of a C-ordered mask is
+            # already that, so no copy is made (a C-ordered copy of a 600-slice mask took seconds to re-transpose).
+            image = nib.Nifti1Image(np.asfortranarray(data), like.affine, header=header)
             image.set_data_dtype(data.dtype)
             if np.issubdtype(data.dtype, np.integer):
                 image.header.set_slope_inter(1, 0)
@@ -481,8 +545,8 @@ def atomic_write(path: Path, write) -> None:
 
 # --- intensity windowing -------------------------------------------------------------------------------
 
-# Window statistics read at most this many voxels (16 MiB as float32), whatever the volume's size.
-MAX_SAMPLE_VOXELS = 1 << 22
+# Window statistics read at most this many voxels (4 MiB as float32), whatever the volume's size.
+MAX_SAMPLE_VOXELS = 1 << 20
 
 
 def intensity_sample(array: np.ndarray, slices: int) -> np.ndarray:
@@ -499,8 +563,8 @@ def intensity_sample(array: np.ndarray, slices: int) -> np.ndarray:
 
 def looks_like_ct(array: np.ndarray) -> bool:
     """CT in Hounsfield units: air near -1000 and values mostly within [-1024, 3071]."""
-    sample = intensity_sample(array, 16)
-    low, high = float(np.percentile(sample, 0.5)), float(np.percentile(sample, 99.5))
+    sample = intensity_sample(array, 16).astype(np.float32, copy=False)
+    low, high = (float(value) for value in np.percentile(sample, (0.5, 99.5)))
     return low < -500.0 and low >= -3100.0 and high <= 4000.0
 
 

@@ -184,3 +184,28 @@ def test_huge_integers_are_out_of_range_not_a_crash(number):
                  {"slice": 1, "points": [[1, number]]}):
         with pytest.raises(PromptError, match="out of range|finite number"):
             parse_prompts([item], VOLUME_SHAPE)
+
+
+# --- what the fuzzer found (each crashed with another exception, or hung, before the fix) -----------------
+
+@pytest.mark.parametrize("array, message", [
+    (np.zeros((3, 4, 5), np.complex64), "voxels of type complex64"),
+    (np.zeros((3, 4, 5), "timedelta64[Y]"), "voxels of type timedelta64"),
+    (np.zeros((3, 0, 5), np.int16), "is empty"),
+    (np.zeros((0, 4, 5), np.float32), "is empty"),
+])
+def test_npy_voxel_types_and_shapes_the_fuzzer_found(array, message, tmp_path):
+    path = tmp_path / "found.npy"
+    np.save(path, array)
+    with pytest.raises(VolumeError, match=message):
+        read_volume(path)
+
+
+def test_a_compressed_header_declaring_gigabytes_is_refused_before_reading(tmp_path):
+    header = bytearray(NIFTI_RAW)
+    header[42:48] = np.array([20000, 20000, 20000], "<i2").tobytes()  # dim[1..3]: 16 TB of int16 voxels
+    path = tmp_path / "huge.nii.gz"
+    path.write_bytes(gzip.compress(bytes(header)))
+    with pytest.raises(VolumeError, match=r"declares \(20000, 20000, 20000\) voxels .* truncated or its header is "
+                                          "damaged"):
+        read_volume(path)

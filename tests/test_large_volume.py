@@ -31,36 +31,50 @@ def _peak_bytes(function) -> int:
         tracemalloc.stop()
 
 
-@pytest.fixture(scope="module")
-def large_files(tmp_path_factory):
-    """A 192x256x256 int16 CT-like volume as uncompressed NIfTI and as .npy (24 MiB each on disk)."""
-    folder = tmp_path_factory.mktemp("large")
-    rng = np.random.default_rng(0)
-    zyx = np.full((192, 256, 256), -1000, np.int16)
-    zyx[:, 40:220, 30:230] = rng.normal(40, 30, size=(192, 180, 200)).astype(np.int16)
-    nifti = folder / "large.nii"
+def _write_scan(folder, num_slices: int) -> dict:
+    """A num_slices x 256 x 256 int16 CT-like volume as uncompressed NIfTI and as .npy."""
+    rng = np.random.default_rng(num_slices)
+    zyx = np.full((num_slices, 256, 256), -1000, np.int16)
+    zyx[:, 40:220, 30:230] = rng.integers(-60, 160, size=(num_slices, 180, 200), dtype=np.int16)
+    nifti = folder / f"scan{num_slices}.nii"
     nib.save(nib.Nifti1Image(np.transpose(zyx, (2, 1, 0)), np.diag([0.8, 0.8, 1.5, 1.0])), str(nifti))
-    npy = folder / "large.npy"
+    npy = folder / f"scan{num_slices}.npy"
     np.save(npy, zyx)
     return {"nifti": nifti, "npy": npy, "float32_bytes": zyx.size * 4}
 
 
+@pytest.fixture(scope="module")
+def scans(tmp_path_factory):
+    """The same kind of scan with 64 and with 256 slices (32 MiB on disk as int16)."""
+    folder = tmp_path_factory.mktemp("large")
+    return {num_slices: _write_scan(folder, num_slices) for num_slices in (64, 256)}
+
+
+LAZY_STEPS = {
+    "read_volume": lambda path, volume: read_volume(path),
+    "check_intensities": lambda path, volume: check_intensities(volume.array),
+    "auto window": lambda path, volume: choose_window(volume.array, "auto"),
+    "percentile window": lambda path, volume: choose_window(volume.array, "percentile"),
+    "content hash": lambda path, volume: volume_content_hash(volume.array),
+    "window one slice": lambda path, volume: choose_window(volume.array, "soft_tissue").apply(volume.array[50]),
+}
+
+
 @pytest.mark.parametrize("kind", ["nifti", "npy"])
-def test_opening_windowing_hashing_and_slicing_never_copy_the_volume_to_floats(large_files, kind):
-    volume = read_volume(large_files[kind], check_values=False)
-    assert isinstance(volume.array.base if volume.array.base is not None else volume.array, np.memmap) or \
-        isinstance(volume.array, np.memmap)
-    budget = large_files["float32_bytes"] // 8  # an eighth of one float32 copy of the volume
-    steps = {
-        "read_volume": lambda: read_volume(large_files[kind]),
-        "check_intensities": lambda: check_intensities(volume.array),
-        "auto window": lambda: choose_window(volume.array, "auto"),
-        "percentile window": lambda: choose_window(volume.array, "percentile"),
-        "content hash": lambda: volume_content_hash(volume.array),
-        "window one slice": lambda: choose_window(volume.array, "soft_tissue").apply(volume.array[100]),
-    }
-    for name, step in steps.items():
-        assert _peak_bytes(step) < budget, name
+def test_opening_windowing_hashing_and_slicing_use_memory_independent_of_the_number_of_slices(scans, kind):
+    peaks = {}
+    for num_slices, scan in scans.items():
+        volume = read_volume(scan[kind], check_values=False)
+        mapped = volume.array if volume.array.base is None else volume.array.base
+        assert isinstance(mapped, np.memmap), "the file should stay memory-mapped"
+        for name, step in LAZY_STEPS.items():
+            peaks[name, num_slices] = _peak_bytes(lambda: step(scan[kind], volume))
+    quarter_float_copy = scans[256]["float32_bytes"] // 4
+    for name in LAZY_STEPS:
+        small, large = peaks[name, 64], peaks[name, 256]
+        # Four times the slices: the same bounded working memory, far below a float copy of the volume.
+        assert large <= 1.25 * small + (1 << 20), (name, small, large)
+        assert large < quarter_float_copy, (name, large)
 
 
 def test_linking_automatic_objects_allocates_nothing_but_the_result():
@@ -74,10 +88,10 @@ def test_linking_automatic_objects_allocates_nothing_but_the_result():
     peak = _peak_bytes(lambda: link_slices(slice_labels, shape, AutomaticSettings(min_instance_voxels=150)))
     assert peak < 1.2 * result_bytes
     linked = link_slices(slice_labels, shape, AutomaticSettings(min_instance_voxels=150))
-    # The square runs through slices 40-42 as one object; the 100-voxel squares there (300 voxels) survive too;
-    # the lone 100-voxel square on slice 200 is below the minimum size and is dropped.
+    # Each square runs through slices 40-42 as one object (the small one: 300 voxels, kept); on slice 200 the
+    # large square is a new object, 3, and the lone 100-voxel square is below the minimum size and dropped.
     assert set(np.unique(linked[40:43])) == {0, 1, 2} and (linked[40] == linked[42]).all()
-    assert set(np.unique(linked[200])) == {0, 1}
+    assert set(np.unique(linked[200])) == {0, 3} and (linked[200] == 3).sum() == 1600
 
 
 def test_a_reopened_file_with_a_fresh_cache_on_the_same_folder_runs_zero_encoder_passes(litemedsam, ct_sample,
@@ -149,3 +163,27 @@ def test_a_damaged_disk_entry_is_dropped_and_an_unwritable_disk_leaves_the_memor
         cache.put(key, 2, _embedding(2))
     assert len([warning for warning in caught if "memory only" in str(warning.message)]) == 1
     assert cache.get(key, 1) is not None and cache.get(key, 2) is not None
+
+
+def test_a_scaled_nifti_is_rescaled_slab_by_slab_without_a_float64_copy(tmp_path):
+    # CT as many scanners export it: uint16 voxels with scl_inter = -1024 (nibabel alone gives float64).
+    rng = np.random.default_rng(1)
+    stored = rng.integers(0, 2200, size=(256, 256, 96), dtype=np.uint16)
+    image = nib.Nifti1Image(stored, np.diag([0.8, 0.8, 1.5, 1.0]))
+    image.header.set_data_dtype(np.uint16)
+    image.header.set_slope_inter(1.0, -1024.0)
+    path = tmp_path / "scaled_ct.nii"
+    nib.save(image, str(path))
+    peak = _peak_bytes(lambda: read_volume(path))
+    volume = read_volume(path)
+    assert volume.array.dtype == np.int16 and volume.array.flags.c_contiguous is False  # flipped view of the copy
+    hounsfield = stored.astype(np.int32) - 1024
+    assert np.array_equal(volume.to_file_order(np.asarray(volume.array)), hounsfield)
+    assert peak < stored.size * 2 + (5 << 20)  # the int16 result and one 4 MiB slab; never a float copy
+    assert choose_window(volume.array, "auto").name == "soft_tissue"
+
+    image.header.set_slope_inter(0.5, 0.0)  # a non-integer slope: float32, never float64
+    nib.save(image, str(path))
+    halved = read_volume(path, check_values=False)
+    assert halved.array.dtype == np.float32
+    assert np.allclose(halved.to_file_order(np.asarray(halved.array)), stored * 0.5)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from napari.layers import Image, Labels, Points, Shapes
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import Signal
+from qtpy.QtCore import QTimer, Signal
 from qtpy.QtWidgets import (QFileDialog, QFormLayout, QFrame, QHBoxLayout, QLabel, QPushButton, QVBoxLayout,
                             QWidget)
 
@@ -49,13 +49,20 @@ class LabelsAutosave:
         self.labels = labels
         self.autosaver = autosaver
         self._emitters = (labels.events.paint, labels.events.data)
+        self._connected = True
         for emitter in self._emitters:
             emitter.connect(self._edited)
 
     def _edited(self, _event=None) -> None:
-        self.autosaver.record_edit()
+        # napari emits "paint" before a single (unblocked) edit reaches the data: count it once the event is done.
+        QTimer.singleShot(0, self._record)
+
+    def _record(self) -> None:
+        if self._connected:
+            self.autosaver.record_edit()
 
     def disconnect(self) -> None:
+        self._connected = False
         for emitter in self._emitters:
             emitter.disconnect(self._edited)
 

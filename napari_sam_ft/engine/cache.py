@@ -178,7 +178,10 @@ class EmbeddingCache:
                 np.save(handle, embedding.numpy(), allow_pickle=False)
             os.replace(temporary, path)
         except OSError as error:
-            temporary.unlink(missing_ok=True)
+            try:
+                temporary.unlink(missing_ok=True)
+            except OSError:  # e.g. the cache folder is a file: no temporary was made
+                pass
             self._disk_failed = True
             warnings.warn(f"embedding cache: cannot write to {self.disk_dir} ({error}); "
                           "embeddings are kept in memory only for this session", RuntimeWarning, stacklevel=3)
