@@ -125,8 +125,8 @@ def session_from_volume(volume: Volume, **choices) -> SessionState:
 
     if volume.source_path is None:
         raise SessionError("this image was not read from a file; save it as a .nii.gz first, then save the session")
-    return SessionState(image_path=str(Path(volume.source_path).resolve()), image_hash=volume_content_hash(volume.array),
-                        shape=tuple(volume.shape), **choices)
+    return SessionState(image_path=str(Path(volume.source_path).resolve()),
+                        image_hash=volume_content_hash(volume.array), shape=tuple(volume.shape), **choices)
 
 
 def read_session_file(session_path: str | os.PathLike) -> SessionState:
@@ -161,7 +161,8 @@ def read_session_file(session_path: str | os.PathLike) -> SessionState:
     except PromptError as error:
         raise SessionError(f"{session_path}: {error}") from None
     except (KeyError, TypeError, ValueError) as error:
-        raise SessionError(f"{session_path}: session field missing or invalid ({type(error).__name__}: {error})") from None
+        problem = f"{type(error).__name__}: {error}"
+        raise SessionError(f"{session_path}: session field missing or invalid ({problem})") from None
     return state
 
 

@@ -276,12 +276,13 @@ def _scaled(raw: np.ndarray, slope: float, inter: float) -> np.ndarray:
         dtype = next((np.dtype(candidate) for candidate in (np.int16, np.int32, np.int64)
                       if np.iinfo(candidate).min <= ends[0] and ends[1] <= np.iinfo(candidate).max), dtype)
     scaled = np.empty(raw.shape, dtype, order="F")
-    for slab in slabs:
-        values = np.asarray(raw[slab]).astype(dtype)
-        values *= dtype.type(slope)
-        values += dtype.type(inter)
-        scaled[slab] = values
-        del values  # before the next slab is made: one slab of working memory at a time
+    with np.errstate(over="ignore", invalid="ignore"):  # a damaged header's huge slope gives inf: refused later
+        for slab in slabs:
+            values = np.asarray(raw[slab]).astype(dtype)
+            values *= dtype.type(slope)
+            values += dtype.type(inter)
+            scaled[slab] = values
+            del values  # before the next slab is made: one slab of working memory at a time
     return scaled
 
 
@@ -441,8 +442,8 @@ def check_intensities(array: np.ndarray, path: Path | str | None = None) -> None
         slab = np.asarray(array[start:start + slab_slices])
         if floating and not np.isfinite(slab).all():
             bad = int((~np.isfinite(slab)).sum())
-            raise VolumeError(f"{where}contains {bad} NaN or infinite voxels in slices {start}..{start + len(slab) - 1}; "
-                              "fix or mask them before segmenting")
+            raise VolumeError(f"{where}contains {bad} NaN or infinite voxels in slices "
+                              f"{start}..{start + len(slab) - 1}; fix or mask them before segmenting")
         # Reductions over axes, not a reshape: a flipped or transposed memory-mapped view is not copied.
         spatial = tuple(range(3))
         low = np.minimum(low, slab.min(axis=spatial).reshape(-1))

@@ -24,7 +24,7 @@ from hypothesis.extra import numpy as hnp
 from napari_sam_ft.engine.prompts import PromptError, SlicePrompt, load_prompts, parse_prompts
 from napari_sam_ft.volume import Volume, VolumeError, read_volume
 
-EXAMPLES = int(os.environ.get("NAPARI_SAM_FT_FUZZ_EXAMPLES", "60"))
+EXAMPLES = int(os.environ.get("NAPARI_SAM_FT_FUZZ_EXAMPLES", "100"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=3000, derandomize=False,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 SUFFIXES = (".nii", ".nii.gz", ".tif", ".npy")

@@ -131,7 +131,8 @@ def test_the_disk_tier_evicts_the_least_recently_used_slices_to_stay_under_its_b
     import os
     import time
 
-    cache = EmbeddingCache(memory_budget_bytes=EMBEDDING_BYTES, disk_dir=tmp_path, disk_budget_bytes=3 * EMBEDDING_BYTES + 4096)
+    cache = EmbeddingCache(memory_budget_bytes=EMBEDDING_BYTES, disk_dir=tmp_path,
+                           disk_budget_bytes=3 * EMBEDDING_BYTES + 4096)
     key = _key()
     for index in range(3):
         cache.put(key, index, _embedding(index))

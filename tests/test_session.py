@@ -194,8 +194,9 @@ CRASHING_SESSION = textwrap.dedent("""
 
 def test_after_a_crash_the_next_open_offers_the_last_autosave_and_restores_it(scan, autosave_folder):
     image_path, _ = scan
+    environment = {**os.environ, "NAPARI_SAM_FT_AUTOSAVE": str(autosave_folder)}
     process = subprocess.Popen([sys.executable, "-c", CRASHING_SESSION, str(image_path)], stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, env={**os.environ, "NAPARI_SAM_FT_AUTOSAVE": str(autosave_folder)})
+                               stdout=subprocess.PIPE, env=environment)
     assert process.stdout.readline().strip() == b"painted"
     assert find_recoverable_autosave(image_path) is None  # still running: not ours to restore
     process.stdin.write(b"crash\n")

@@ -19,7 +19,7 @@ from qtpy.QtWidgets import (QFileDialog, QFormLayout, QFrame, QHBoxLayout, QLabe
                             QWidget)
 
 from .._layer_data import GEOMETRY_KEY, image_layer_data, labels_layer_data, volume_from_layer
-from ..engine.prompts import SlicePrompt, points_zyx_to_prompts, rectangle_zyx_to_box
+from ..engine.prompts import NAPARI_TO_PIXEL, SlicePrompt, points_zyx_to_prompts, rectangle_zyx_to_box
 from ..session import (AUTOSAVE_EVERY_EDITS, SESSION_SUFFIX, AutosaveInfo, Autosaver, SessionError, discard_autosave,
                        find_recoverable_autosave, open_session, restore_autosave, save_session, session_from_volume)
 from ..volume import VolumeError
@@ -348,9 +348,9 @@ class SessionPanel(QWidget):
                 points = points if points is not None else make_points_layer(self._viewer, image)
                 for (x, y), sign in zip(prompt.points, prompt.point_labels):
                     points.feature_defaults = {"prompt": POSITIVE if sign else NEGATIVE}
-                    points.add([[z, float(y), float(x)]])
+                    points.add([[z, float(y) - NAPARI_TO_PIXEL, float(x) - NAPARI_TO_PIXEL]])
                 points.feature_defaults = {"prompt": POSITIVE}
             if prompt.box is not None:
                 boxes = boxes if boxes is not None else make_boxes_layer(self._viewer, image)
-                x0, y0, x1, y1 = (float(value) for value in prompt.box)
+                x0, y0, x1, y1 = (float(value) - NAPARI_TO_PIXEL for value in prompt.box)
                 boxes.add_rectangles(np.array([[z, y0, x0], [z, y0, x1], [z, y1, x1], [z, y1, x0]]))

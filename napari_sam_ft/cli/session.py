@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from .common import parse_window
 
 
@@ -123,7 +125,8 @@ def _print_state(state, labels=None) -> None:
     print(f"reviewed:  {len(state.reviewed_slices)} slices {state.reviewed_slices[:20]}"
           + (" ..." if len(state.reviewed_slices) > 20 else ""))
     if labels is not None:
-        print(f"labels:    {int((labels > 0).sum())} labelled voxels, ids {sorted(set(labels[labels > 0].tolist()))[:20]}")
+        ids = [int(value) for value in np.unique(labels) if value][:20]
+        print(f"labels:    {int(np.count_nonzero(labels))} labelled voxels, ids {ids}")
     elif state.labels_file:
         print(f"labels:    {state.labels_file}")
     print(f"saved at:  {state.saved_at}")
@@ -165,7 +168,8 @@ def run_recover(args) -> int:
         raise ValueError(f"{args.image}: no autosaved labels to recover")
     volume = read_volume(args.image, check_values=False)
     labels = restore_autosave(info, like=volume)
-    print(f"wrote {write_volume(args.output, labels, like=volume)} (autosaved {info.saved_at_text}, {info.edits} edits)")
+    path = write_volume(args.output, labels, like=volume)
+    print(f"wrote {path} (autosaved {info.saved_at_text}, {info.edits} edits)")
     if args.discard:
         discard_autosave(args.image)
     return 0

@@ -5,7 +5,9 @@ A prompt file is a JSON list; each item is one object on one slice::
     [{"slice": 14, "label": 1, "box": [x_min, y_min, x_max, y_max]},
      {"slice": 14, "label": 5, "points": [[x, y], [x, y]], "point_labels": [1, 0]}]
 
-x is the column and y the row of the (Z, Y, X) volume, in pixels; ``slice`` indexes Z (the slicing axis);
+x is the column and y the row of the (Z, Y, X) volume, in continuous pixel units as SAM uses them: pixel
+(column c, row r) covers [c, c + 1) x [r, r + 1), so its centre is (c + 0.5, r + 0.5) and a box enclosing
+columns 10..20 is x_min = 10, x_max = 21. ``slice`` indexes Z (the slicing axis);
 ``label`` is the label id written for that object (default 1); ``point_labels`` are 1 for a positive and
 0 for a negative click (default: all positive). An item may hold a box, points, or both.
 """
@@ -27,7 +29,7 @@ class PromptError(ValueError):
 
 @dataclass
 class SlicePrompt:
-    """One object's prompt on one slice, in SAM coordinates (x = column, y = row)."""
+    """One object's prompt on one slice, in SAM's continuous pixel coordinates (x = column, y = row)."""
 
     slice_index: int
     label: int = 1
@@ -48,7 +50,9 @@ class SlicePrompt:
 def _shown(value) -> str:
     """A number for a message; integers too long to print (Python refuses > 4300 digits) are summarised."""
     if isinstance(value, int) and not isinstance(value, bool):
-        return str(value) if value.bit_length() <= 64 else f"an integer of about {int(value.bit_length() * 0.30103)} digits"
+        if value.bit_length() <= 64:
+            return str(value)
+        return f"an integer of about {int(value.bit_length() * 0.30103)} digits"
     if isinstance(value, float):
         return f"{value:g}"
     try:
@@ -100,10 +104,10 @@ def parse_prompt_item(item, index: int, volume_shape: tuple[int, int, int]) -> S
         if not isinstance(raw, list) or len(raw) != 4:
             raise PromptError(f"{where}: 'box' must be [x_min, y_min, x_max, y_max], got {_shown(raw)}")
         x0, y0, x1, y1 = (_number(value, f"{where}: box value") for value in raw)
-        _in_range(x0, 0, width - 1, f"{where}: box x_min")
-        _in_range(x1, 0, width - 1, f"{where}: box x_max")
-        _in_range(y0, 0, height - 1, f"{where}: box y_min")
-        _in_range(y1, 0, height - 1, f"{where}: box y_max")
+        _in_range(x0, 0, width, f"{where}: box x_min")
+        _in_range(x1, 0, width, f"{where}: box x_max")
+        _in_range(y0, 0, height, f"{where}: box y_min")
+        _in_range(y1, 0, height, f"{where}: box y_max")
         if x1 < x0 or y1 < y0:
             raise PromptError(f"{where}: box {raw} has x_max < x_min or y_max < y_min")
         box = np.array([x0, y0, x1, y1], np.float32)
@@ -116,8 +120,8 @@ def parse_prompt_item(item, index: int, volume_shape: tuple[int, int, int]) -> S
             raise PromptError(f"{where}: {len(raw)} points is more than the 1000 allowed per object")
         points = np.array([[_number(x, f"{where}: point x"), _number(y, f"{where}: point y")] for x, y in raw], np.float32)
         for x, y in points:
-            _in_range(float(x), 0, width - 1, f"{where}: point x")
-            _in_range(float(y), 0, height - 1, f"{where}: point y")
+            _in_range(float(x), 0, width, f"{where}: point x")
+            _in_range(float(y), 0, height, f"{where}: point y")
         raw_labels = item.get("point_labels", [1] * len(raw))
         if not isinstance(raw_labels, list) or len(raw_labels) != len(raw) or any(
                 value not in (0, 1) or isinstance(value, bool) for value in raw_labels):
@@ -168,33 +172,43 @@ def save_prompts(path: str | Path, prompts: list[SlicePrompt]) -> None:
 # --- prompts simulated from reference masks (evaluation, fine-tuning) ----------------------------------
 
 def box_from_mask(mask: np.ndarray, margin: float = 0.0) -> np.ndarray | None:
-    """Tight (x_min, y_min, x_max, y_max) box of a 2D mask, grown by ``margin`` pixels, clipped to the slice."""
+    """The (x_min, y_min, x_max, y_max) box enclosing a 2D mask's pixels, grown by ``margin``, within the slice.
+
+    Continuous coordinates: a pixel (c, r) covers [c, c + 1) x [r, r + 1), so the far edges are one past the
+    last pixel. (Boxes through the last pixels' centres cut half a pixel off every side, which costs
+    LiteMedSAM several Dice points on small, upsampled slices.)
+    """
     rows = np.flatnonzero(mask.any(axis=1))
     if rows.size == 0:
         return None
     cols = np.flatnonzero(mask.any(axis=0))
     height, width = mask.shape
     return np.array([max(cols[0] - margin, 0), max(rows[0] - margin, 0),
-                     min(cols[-1] + margin, width - 1), min(rows[-1] + margin, height - 1)], np.float32)
+                     min(cols[-1] + 1 + margin, width), min(rows[-1] + 1 + margin, height)], np.float32)
 
 
 def interior_point(mask: np.ndarray) -> np.ndarray | None:
-    """The (x, y) pixel deepest inside a 2D mask (largest distance to its border)."""
+    """The (x, y) centre of the pixel deepest inside a 2D mask (largest distance to its border)."""
     if not mask.any():
         return None
     distance = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
     row, col = np.unravel_index(int(np.argmax(distance)), distance.shape)
-    return np.array([col, row], np.float32)
+    return np.array([col + 0.5, row + 0.5], np.float32)
+
+
+# napari puts pixel centres at integer coordinates; SAM's continuous coordinates put them at +0.5.
+NAPARI_TO_PIXEL = 0.5
 
 
 def points_zyx_to_prompts(points_zyx: np.ndarray, positive: np.ndarray, label: int = 1) -> list[SlicePrompt]:
     """napari Points data (N, 3) as (z, y, x) plus a positive flag per point -> one prompt per slice."""
     points_zyx = np.asarray(points_zyx, dtype=np.float32).reshape(-1, 3)
+    in_plane_xy = points_zyx[:, [2, 1]] + NAPARI_TO_PIXEL
     positive = np.asarray(positive, dtype=bool).reshape(-1)
     prompts = []
     for slice_index in np.unique(np.rint(points_zyx[:, 0]).astype(int)):
         on_slice = np.rint(points_zyx[:, 0]).astype(int) == slice_index
-        prompts.append(SlicePrompt(int(slice_index), label, None, points_zyx[on_slice][:, [2, 1]],
+        prompts.append(SlicePrompt(int(slice_index), label, None, in_plane_xy[on_slice],
                                    positive[on_slice].astype(np.int64)))
     return prompts
 
@@ -203,5 +217,5 @@ def rectangle_zyx_to_box(corners_zyx: np.ndarray) -> tuple[int, np.ndarray]:
     """A napari Shapes rectangle (4, 3) as (z, y, x) corners -> (slice index, xyxy box)."""
     corners = np.asarray(corners_zyx, dtype=np.float32).reshape(-1, 3)
     slice_index = int(np.rint(corners[:, 0].mean()))
-    ys, xs = corners[:, 1], corners[:, 2]
+    ys, xs = corners[:, 1] + NAPARI_TO_PIXEL, corners[:, 2] + NAPARI_TO_PIXEL
     return slice_index, np.array([xs.min(), ys.min(), xs.max(), ys.max()], np.float32)
