@@ -32,8 +32,10 @@ def wait(app, condition, timeout_s: float = 600.0) -> None:
 
 
 def rectangle(slice_index: int, box_xyxy) -> np.ndarray:
-    x0, y0, x1, y1 = (float(value) for value in box_xyxy)
-    return np.array([[slice_index, y0, x0], [slice_index, y0, x1], [slice_index, y1, x1], [slice_index, y1, x0]])
+    """A napari Shapes rectangle (4, 3) in (z, y, x) for a SAM (x_min, y_min, x_max, y_max) box."""
+    from napari_sam_ft.engine.prompts import box_to_rectangle_zyx
+
+    return box_to_rectangle_zyx(slice_index, box_xyxy)
 
 
 def main() -> int:
@@ -42,7 +44,7 @@ def main() -> int:
     from qtpy.QtWidgets import QApplication
 
     from napari_sam_ft._widgets.segment import SegmentWidget
-    from napari_sam_ft.engine.prompts import box_from_mask, interior_point
+    from napari_sam_ft.engine.prompts import box_from_mask, interior_point, point_to_napari_zyx
 
     IMAGES.mkdir(parents=True, exist_ok=True)
     viewer = napari.Viewer(show=True, title="napari-sam-ft")
@@ -61,8 +63,7 @@ def main() -> int:
     liver = np.asarray(reference.data[SLICE]) == LIVER
     boxes.add_rectangles(rectangle(SLICE, box_from_mask(liver)))
     wait(app, lambda: widget.idle)
-    x, y = interior_point(liver)
-    points.add([[SLICE, y, x]])
+    points.add([point_to_napari_zyx(SLICE, interior_point(liver))])
     spleen_rows, spleen_cols = np.nonzero(np.asarray(reference.data[SLICE]) == SPLEEN)
     points.feature_defaults["prompt"] = "negative"
     points.add([[SLICE, spleen_rows.mean(), spleen_cols.mean()]])

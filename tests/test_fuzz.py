@@ -144,9 +144,9 @@ def _check_parsed(prompts: list[SlicePrompt]) -> None:
         assert 0 <= prompt.slice_index < num_slices and prompt.label >= 1
         if prompt.box is not None:
             x0, y0, x1, y1 = prompt.box
-            assert 0 <= x0 <= x1 <= width - 1 and 0 <= y0 <= y1 <= height - 1
+            assert 0 <= x0 <= x1 <= width and 0 <= y0 <= y1 <= height  # continuous pixel coordinates
         if prompt.points is not None:
-            assert ((prompt.points >= 0) & (prompt.points <= [width - 1, height - 1])).all()
+            assert ((prompt.points >= 0) & (prompt.points <= [width, height])).all()
             assert set(prompt.point_labels.tolist()) <= {0, 1} and len(prompt.point_labels) == len(prompt.points)
 
 

@@ -50,9 +50,9 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_the_code_never_runs(ct_
 @pytest.mark.parametrize("item, message", [
     ({"slice": 30, "box": [1, 1, 5, 5]}, r"prompt 0: slice = 30 is out of range 0\.\.29"),
     ({"slice": -1, "points": [[3, 3]]}, r"slice = -1 is out of range 0\.\.29"),
-    ({"slice": 3, "box": [1, 1, 122, 5]}, r"box x_max = 122 is out of range 0\.\.121"),
-    ({"slice": 3, "box": [1, -2.5, 5, 5]}, r"box y_min = -2.5 is out of range 0\.\.100"),
-    ({"slice": 3, "points": [[3, 101]]}, r"point y = 101 is out of range 0\.\.100"),
+    ({"slice": 3, "box": [1, 1, 122.5, 5]}, r"box x_max = 122\.5 is out of range 0\.\.122"),
+    ({"slice": 3, "box": [1, -2.5, 5, 5]}, r"box y_min = -2\.5 is out of range 0\.\.101"),
+    ({"slice": 3, "points": [[3, 102]]}, r"point y = 102 is out of range 0\.\.101"),
     ({"slice": 3, "points": [[3, 3]], "point_labels": [2]}, r"'point_labels' must list 0 or 1"),
     ({"slice": 2.5, "box": [1, 1, 5, 5]}, r"'slice' must be an integer, got 2\.5"),
 ])

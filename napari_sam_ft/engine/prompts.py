@@ -219,3 +219,16 @@ def rectangle_zyx_to_box(corners_zyx: np.ndarray) -> tuple[int, np.ndarray]:
     slice_index = int(np.rint(corners[:, 0].mean()))
     ys, xs = corners[:, 1] + NAPARI_TO_PIXEL, corners[:, 2] + NAPARI_TO_PIXEL
     return slice_index, np.array([xs.min(), ys.min(), xs.max(), ys.max()], np.float32)
+
+
+def box_to_rectangle_zyx(slice_index: int, box_xyxy) -> np.ndarray:
+    """A SAM box on a slice -> the (4, 3) napari rectangle corners, (z, y, x) with pixel centres at integers."""
+    x0, y0, x1, y1 = (float(value) - NAPARI_TO_PIXEL for value in box_xyxy)
+    z = float(slice_index)
+    return np.array([[z, y0, x0], [z, y0, x1], [z, y1, x1], [z, y1, x0]])
+
+
+def point_to_napari_zyx(slice_index: int, point_xy) -> np.ndarray:
+    """A SAM (x, y) click on a slice -> the napari (z, y, x) point."""
+    x, y = (float(value) - NAPARI_TO_PIXEL for value in point_xy)
+    return np.array([float(slice_index), y, x])

@@ -11,6 +11,7 @@ SPLEEN, LIVER = 1, 5
 
 def rectangle(slice_index: int, box_xyxy) -> np.ndarray:
     """A napari Shapes rectangle (4, 3) in (z, y, x) for a SAM (x_min, y_min, x_max, y_max) box."""
-    x0, y0, x1, y1 = (float(value) for value in box_xyxy)
-    return np.array([[slice_index, y0, x0], [slice_index, y0, x1], [slice_index, y1, x1], [slice_index, y1, x0]])
+    from napari_sam_ft.engine.prompts import box_to_rectangle_zyx
+
+    return box_to_rectangle_zyx(slice_index, box_xyxy)
 

@@ -12,7 +12,7 @@ from napari.utils.interactions import mouse_press_callbacks, mouse_release_callb
 from napari_sam_ft._layer_data import GEOMETRY_KEY
 from napari_sam_ft._widgets._layers import NEGATIVE, POSITIVE
 from napari_sam_ft._widgets.segment import SegmentWidget
-from napari_sam_ft.engine.prompts import box_from_mask, interior_point
+from napari_sam_ft.engine.prompts import box_from_mask, interior_point, point_to_napari_zyx
 from napari_sam_ft.metrics import dice
 
 from .helpers import LIVER, SLICE, SPLEEN, rectangle
@@ -74,8 +74,7 @@ def test_box_and_clicks_give_an_accurate_preview_without_re_encoding(segment_wid
     encoder_calls = predictor.encoder_calls
 
     # A left click adds a positive point; a Shift-click a negative one outside the liver.
-    inside_x, inside_y = interior_point(liver)
-    click(points, (SLICE, inside_y, inside_x))
+    click(points, tuple(point_to_napari_zyx(SLICE, interior_point(liver))))
     rows, cols = np.nonzero(reference(viewer, SPLEEN))
     click(points, (SLICE, rows.mean(), cols.mean()), modifiers=["Shift"])
     assert list(points.features["prompt"].astype(str)) == [POSITIVE, NEGATIVE]
