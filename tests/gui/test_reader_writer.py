@@ -21,7 +21,9 @@ def test_open_keeps_the_affine_as_scale_and_translate(make_napari_viewer):
     affine = nib.load(str(ct_path)).affine
     assert image._type_string == "image" and labels._type_string == "labels"
     np.testing.assert_allclose(image.scale, (3.0, 3.0, 3.0))
-    np.testing.assert_allclose(image.translate, (affine[2, 3], affine[1, 3], affine[0, 3]))
+    # The RAS file is shown radiologically: the displayed first voxel is the file's last along I and J.
+    first_voxel = affine @ np.array([image.data.shape[2] - 1, image.data.shape[1] - 1, 0, 1.0])
+    np.testing.assert_allclose(image.translate, (first_voxel[2], first_voxel[1], first_voxel[0]))
     np.testing.assert_allclose(labels.translate, image.translate)
     np.testing.assert_array_equal(image.metadata[GEOMETRY_KEY]["affine"], affine)
 
@@ -40,7 +42,8 @@ def test_saving_a_mask_writes_the_input_voxel_order_and_affine(make_napari_viewe
     written = nib.load(str(path))
     np.testing.assert_array_equal(written.affine, nib.load(str(ct_path)).affine)
     assert written.shape == nib.load(str(ct_path)).shape  # the file's (x, y, z) voxel order, not napari's (z, y, x)
-    np.testing.assert_array_equal(np.asanyarray(written.dataobj), np.transpose(mask, (2, 1, 0)))
+    # Displayed (z, y, x) is the file's (k, -j, -i) for this RAS scan: undo the radiological flips, then transpose.
+    np.testing.assert_array_equal(np.asanyarray(written.dataobj), np.transpose(mask[:, ::-1, ::-1], (2, 1, 0)))
 
 
 def test_bad_files_notify_and_leave_the_viewer_usable(make_napari_viewer, tmp_path, notifications):
