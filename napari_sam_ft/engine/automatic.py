@@ -78,8 +78,8 @@ def _mask_iou_matrix(masks: torch.Tensor) -> torch.Tensor:
 
 
 def _decode_candidates(predictor: VolumePredictor, slice_index: int, body: np.ndarray,
-                       settings: AutomaticSettings) -> tuple[torch.Tensor, torch.Tensor]:
-    """Grid prompts on one slice -> candidate logits (M, H, W) and predicted IoUs (M,).
+                       settings: AutomaticSettings, work_shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grid prompts on one slice -> candidate logits (M, h, w) on ``work_shape`` and predicted IoUs (M,).
 
     Box-trained models get a multi-scale box grid; SAM-style models a point grid with three masks each.
     """
@@ -89,15 +89,22 @@ def _decode_candidates(predictor: VolumePredictor, slice_index: int, body: np.nd
     for start in range(0, len(prompts), settings.prompt_batch):
         batch = prompts[start:start + settings.prompt_batch]
         if use_boxes:
-            logits, scores, _ = predictor.decode(slice_index, None, None, batch, None, multimask_output=False)
+            logits, scores, _ = predictor.decode(slice_index, None, None, batch, None, multimask_output=False,
+                                                 output_shape=work_shape)
         else:
             logits, scores, _ = predictor.decode(slice_index, batch[:, None, :], np.ones((len(batch), 1), np.float32),
-                                                 None, None, multimask_output=True)
+                                                 None, None, multimask_output=True, output_shape=work_shape)
         all_logits.append(logits.flatten(0, 1))
         all_scores.append(scores.flatten(0, 1).float())
     if not all_logits:
-        return torch.zeros((0, *body.shape)), torch.zeros(0)
+        return torch.zeros((0, *work_shape)), torch.zeros(0)
     return torch.cat(all_logits), torch.cat(all_scores)
+
+
+def work_shape_for(height: int, width: int, longest_side: int = 256) -> tuple[int, int]:
+    """The grid candidates are filtered on: the slice itself, or a coarser one for large slices."""
+    scale = min(1.0, longest_side / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
 
 
 def slice_objects(predictor: VolumePredictor, slice_index: int,
@@ -109,27 +116,38 @@ def slice_objects(predictor: VolumePredictor, slice_index: int,
     body = body_mask(image, settings.foreground_threshold)
     if body.mean() < settings.min_foreground_fraction:
         return labels
-    logits, scores = _decode_candidates(predictor, slice_index, body, settings)
+    work_shape = work_shape_for(height, width)
+    work_body = torch.from_numpy(body)
+    if work_shape != (height, width):
+        work_body = torch.nn.functional.interpolate(work_body[None, None].float(), size=work_shape)[0, 0] > 0.5
+    logits, scores = _decode_candidates(predictor, slice_index, body, settings, work_shape)
     # Stability: how little the mask changes when the logit threshold moves (SAM's stability score).
     high = (logits > settings.stability_offset).flatten(1).sum(1).float()
     low = (logits > -settings.stability_offset).flatten(1).sum(1).float().clamp(min=1.0)
-    masks = (logits > 0) & torch.from_numpy(body)
+    masks = (logits > 0) & work_body
     area = masks.flatten(1).sum(1).float()
+    work_pixels = work_shape[0] * work_shape[1]
     keep = ((scores >= settings.pred_iou_threshold) & (high / low >= settings.stability_threshold)
-            & (area >= settings.min_area_fraction * height * width) & (area <= settings.max_area_fraction * body.sum()))
-    masks, scores = masks[keep], scores[keep]
+            & (area >= settings.min_area_fraction * work_pixels)
+            & (area <= settings.max_area_fraction * work_body.sum()))
+    masks, scores, logits = masks[keep], scores[keep], logits[keep]
     if len(scores) == 0:
         return labels
     order = torch.argsort(scores, descending=True)
-    masks, scores = masks[order], scores[order]
+    masks, scores, logits = masks[order], scores[order], logits[order]
     overlaps = _mask_iou_matrix(masks)
     chosen: list[int] = []
     for candidate in range(len(scores)):
         if all(overlaps[candidate, previous] < settings.duplicate_iou for previous in chosen):
             chosen.append(candidate)
+    chosen_logits = logits[chosen]
+    if work_shape != (height, width):  # only the kept objects are brought to full resolution
+        chosen_logits = torch.nn.functional.interpolate(chosen_logits[:, None], size=(height, width),
+                                                        mode="bilinear", align_corners=False)[:, 0]
+    chosen_masks = ((chosen_logits > 0) & torch.from_numpy(body)).numpy()
     # Paint the least confident first so the most confident object wins where masks overlap.
-    for rank, candidate in reversed(list(enumerate(chosen, start=1))):
-        labels[masks[candidate].numpy()] = rank
+    for rank in range(len(chosen), 0, -1):
+        labels[chosen_masks[rank - 1]] = rank
     return labels
 
 

@@ -252,11 +252,12 @@ class VolumePredictor:
     @torch.inference_mode()
     def decode(self, slice_index: int, points_xy: np.ndarray | None, point_labels: np.ndarray | None,
                boxes_xyxy: np.ndarray | None, mask_inputs: torch.Tensor | None, multimask_output: bool,
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               output_shape: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Batched prompt encoder + mask decoder on one slice.
 
         ``points_xy`` (B, N, 2), ``point_labels`` (B, N), ``boxes_xyxy`` (B, 4), ``mask_inputs`` (B, 1, h, w).
-        Returns slice-grid logits (B, K, H, W), predicted IoU (B, K) and low-res logits (B, K, h, w).
+        Returns slice-grid logits (B, K, H, W) (or on ``output_shape``), predicted IoU (B, K) and low-res
+        logits (B, K, h, w).
         """
         started = time.perf_counter()
         sam = self.model.sam
@@ -283,7 +284,7 @@ class VolumePredictor:
                                             sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
                                             multimask_output=multimask_output)
         low_res, iou = low_res.float(), iou.float()
-        logits = preprocessing.logits_to_slice(low_res, height, width)
+        logits = preprocessing.logits_to_slice(low_res, height, width, output_shape)
         self.last_decode_ms = (time.perf_counter() - started) * 1000.0
         return logits, iou, low_res
 

@@ -65,13 +65,18 @@ class Preprocessing:
         coords[..., 1] = coords[..., 1] * (new_height / height)
         return coords
 
-    def logits_to_slice(self, low_res_logits: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """(B, C, h, w) decoder logits -> (B, C, H, W) logits on the slice grid (pad cropped away)."""
+    def logits_to_slice(self, low_res_logits: torch.Tensor, height: int, width: int,
+                        output_shape: tuple[int, int] | None = None) -> torch.Tensor:
+        """(B, C, h, w) decoder logits -> (B, C, H, W) logits on the (H, W) slice grid, pad cropped away.
+
+        ``output_shape`` gives the logits on a coarser grid of the same slice instead (automatic
+        segmentation filters hundreds of candidates there and upsamples only the chosen ones).
+        """
         logits = F.interpolate(low_res_logits.float(), size=(self.input_size, self.input_size), mode="bilinear",
                                align_corners=False)
         new_height, new_width = self.resized_shape(height, width)
         logits = logits[..., :new_height, :new_width]
-        return F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+        return F.interpolate(logits, size=output_shape or (height, width), mode="bilinear", align_corners=False)
 
     def mask_to_model(self, masks: torch.Tensor, low_res_size: int) -> torch.Tensor:
         """(B, H, W) masks or logits on the slice grid -> (B, 1, s, s) on the decoder's low-res grid."""
