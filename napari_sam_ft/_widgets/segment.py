@@ -22,6 +22,7 @@ from ._events import Hookups
 from ._layers import (NEGATIVE, POSITIVE, PREVIEW_VALUE, LayerVolume, commit_mask, current_slice_index,
                       key_masks_for_propagation, make_boxes_layer, make_points_layer, make_preview_layer,
                       new_labels_layer, slice_prompts)
+from .session_panel import CHOICES_KEY
 from ._session import NO_ADAPTER, AdapterError, SegmentSession, SessionChoices, adapter_functions
 from ._tasks import TaskRunner, automatic_segmentation, propagation, report_error
 from ._workers import BackgroundTask, TaskOutcome, torch_threads
@@ -118,8 +119,28 @@ class SegmentWidget(QWidget):
         if self.image_layer is None:
             return None
         c = self.controls
-        return SessionChoices(c.model_combo.currentText(), c.checkpoint_edit.text().strip(),
-                              c.device_combo.currentText(), c.window_combo.currentText(), c.adapter_combo.currentText())
+        choices = SessionChoices(c.model_combo.currentText(), c.checkpoint_edit.text().strip(),
+                                 c.device_combo.currentText(), c.window_combo.currentText(),
+                                 c.adapter_combo.currentText())
+        # Recorded on the image layer so a saved session (the Session panel) knows how it was segmented.
+        recorded = dict(self.image_layer.metadata.get(CHOICES_KEY) or {})
+        recorded.update(model_name=choices.model_name, checkpoint=choices.checkpoint or None, window=choices.window,
+                        adapter_dir=None if choices.adapter_dir == NO_ADAPTER else choices.adapter_dir)
+        self.image_layer.metadata[CHOICES_KEY] = recorded
+        return choices
+
+    def _restore_choices(self) -> None:
+        """Put back the model, window and adapter recorded on the image layer (e.g. by an opened session)."""
+        recorded = (self.image_layer.metadata.get(CHOICES_KEY) or {}) if self.image_layer is not None else {}
+        c = self.controls
+        if recorded.get("model_name") and c.model_combo.findText(recorded["model_name"]) >= 0:
+            c.model_combo.setCurrentText(recorded["model_name"])
+        if recorded.get("checkpoint"):
+            c.checkpoint_edit.setText(str(recorded["checkpoint"]))
+        if isinstance(recorded.get("window"), str) and c.window_combo.findText(recorded["window"]) >= 0:
+            c.window_combo.setCurrentText(recorded["window"])
+        if recorded.get("adapter_dir"):
+            self.set_adapter(recorded["adapter_dir"])
 
     def _current_volume(self, notify: bool = True) -> Volume | None:
         """The image layer as a Volume, or None after saying why (a notification, or the task line)."""
@@ -166,6 +187,7 @@ class SegmentWidget(QWidget):
 
     def _make_prompt_layers(self) -> None:
         if self.image_layer is not None:
+            self._restore_choices()
             self.prompt_layers(notify=False)  # an unusable layer is explained on the task line until used
 
     # -- prompts -> preview ------------------------------------------------------------------------
