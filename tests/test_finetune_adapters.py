@@ -70,52 +70,66 @@ def assert_same(first: dict, second: dict):
         assert torch.equal(first[key], second[key]), key
 
 
-def test_lora_adapter_round_trip_gives_identical_outputs_and_unload_restores_the_base(model, ct, tmp_path):
-    base = outputs(model, ct.image)
-    info, reference = make_adapter(model, "lora", tmp_path / "lora", seed=1)
-    expected = outputs(reference, ct.image)
-    assert not torch.equal(expected["box_logits"], base["box_logits"])
+@pytest.fixture(scope="module")
+def base_outputs(model, ct):
+    return outputs(model, ct.image)
+
+
+@pytest.fixture(scope="module")
+def lora_adapter(model, ct, tmp_path_factory):
+    """A lora adapter with a class head, and the outputs of the network it was saved from."""
+    info, reference = make_adapter(model, "lora", tmp_path_factory.mktemp("lora") / "adapter", seed=1)
+    return info, outputs(reference, ct.image)
+
+
+@pytest.fixture(scope="module")
+def decoder_adapter(model, ct, tmp_path_factory):
+    info, reference = make_adapter(model, "decoder", tmp_path_factory.mktemp("decoder") / "adapter", seed=3,
+                                   with_head=False)
+    return info, outputs(reference, ct.image)
+
+
+def test_lora_adapter_round_trip_gives_identical_outputs_and_unload_restores_the_base(model, ct, base_outputs,
+                                                                                      lora_adapter):
+    info, expected = lora_adapter
+    assert not torch.equal(expected["box_logits"], base_outputs["box_logits"])
+    assert not torch.equal(expected["embedding"], base_outputs["embedding"])
 
     sam_before = model.sam
-    loaded = load_adapter(model, tmp_path / "lora")
+    loaded = load_adapter(model, info.adapter_dir)
     assert model.sam is sam_before  # adapters go into the live network; it is not rebuilt
     assert model.adapter_id == info.adapter_id == loaded.adapter_id and len(model.adapter_id) == 12
     assert model.encoder_adapted and model.class_ids == (1, 5)
-    assert active_adapter(model).adapter_dir == tmp_path / "lora"
+    assert active_adapter(model).adapter_dir == info.adapter_dir
     assert_same(outputs(model, ct.image), expected)
 
     unload_adapter(model)
     assert model.adapter_id == "none" and not model.encoder_adapted and model.class_head is None
     assert active_adapter(model) is None
-    assert_same(outputs(model, ct.image), base)
+    assert_same(outputs(model, ct.image), base_outputs)
     assert not any("lora" in name for name, _ in model.sam.named_parameters())
     assert adapter_size_bytes(info.adapter_dir) < 5 * 2**20
     assert (info.adapter_dir / LORA_WEIGHTS_FILE).is_file() and (info.adapter_dir / "adapter_config.json").is_file()
 
 
-def test_switching_between_adapters_of_different_scopes(model, ct, tmp_path):
-    base = outputs(model, ct.image)
-    _, lora_reference = make_adapter(model, "lora", tmp_path / "lora", seed=2)
-    _, decoder_reference = make_adapter(model, "decoder", tmp_path / "decoder", seed=3, with_head=False)
-    load_adapter(model, tmp_path / "lora")
-    load_adapter(model, tmp_path / "decoder")  # switches: the LoRA adapter is unloaded first
+def test_switching_between_adapters_of_different_scopes(model, ct, base_outputs, lora_adapter, decoder_adapter):
+    load_adapter(model, lora_adapter[0].adapter_dir)
+    load_adapter(model, decoder_adapter[0].adapter_dir)  # switches: the LoRA adapter is unloaded first
     assert not model.encoder_adapted and model.class_head is None and model.class_ids == ()
     decoder_outputs = outputs(model, ct.image)
-    assert_same(decoder_outputs, outputs(decoder_reference, ct.image))
-    assert torch.equal(decoder_outputs["embedding"], base["embedding"])  # the encoder is the base one
-    load_adapter(model, tmp_path / "lora")
-    assert_same(outputs(model, ct.image), outputs(lora_reference, ct.image))
+    assert_same(decoder_outputs, decoder_adapter[1])
+    assert torch.equal(decoder_outputs["embedding"], base_outputs["embedding"])  # the encoder is the base one
+    load_adapter(model, lora_adapter[0].adapter_dir)
+    assert_same(outputs(model, ct.image), lora_adapter[1])
     unload_adapter(model)
-    assert_same(outputs(model, ct.image), base)
+    assert_same(outputs(model, ct.image), base_outputs)
 
 
-def test_adapter_for_another_base_model_is_refused(model, tmp_path):
-    make_adapter(model, "lora", tmp_path / "adapter", seed=4)
+def test_adapter_for_another_base_model_is_refused(model, lora_adapter):
     other = dataclasses.replace(model, weights_hash="0" * 64)  # same architecture, other weights
     with pytest.raises(AdapterError, match="trained for base model .* but the loaded model is"):
-        load_adapter(other, tmp_path / "adapter")
+        load_adapter(other, lora_adapter[0].adapter_dir)
     assert other.adapter_id == "none" and active_adapter(other) is None
-
 
 def test_damaged_or_foreign_folders_are_refused(model, tmp_path):
     with pytest.raises(AdapterError, match="no such adapter folder"):

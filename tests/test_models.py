@@ -87,3 +87,18 @@ def test_device_selection_and_precision():
             select_device("cuda")
     assert autocast_dtype(torch.device("cpu"), "fp32") is None
     assert autocast_dtype(torch.device("cpu"), "bf16") is torch.bfloat16
+
+
+def test_fused_decoder_attention_matches_segment_anythings_own(litemedsam):
+    from segment_anything.modeling.transformer import Attention
+
+    from napari_sam_ft.models.fast_attention import _fused_attention_forward
+
+    torch.manual_seed(0)
+    attention = next(module for module in litemedsam.sam.mask_decoder.modules() if isinstance(module, Attention))
+    queries, keys = torch.randn(2, 7, 256), torch.randn(2, 4096, 256)
+    with torch.no_grad():
+        expected = Attention.forward(attention, queries, keys, keys)
+        fused = _fused_attention_forward(attention, queries, keys, keys)
+    assert torch.allclose(fused, expected, atol=1e-5)
+    assert attention.forward.__func__ is _fused_attention_forward  # load_model switched it on

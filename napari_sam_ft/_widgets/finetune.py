@@ -20,6 +20,7 @@ from qtpy.QtCore import QObject, Signal
 from qtpy.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QLineEdit, QListWidget,
                             QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget)
 
+from ..finetune.adapters import AdapterError, check_output_folder
 from ..finetune.data import FinetuneDataError, VolumeAnnotations, annotated_slices, build_training_data, parse_slice_list
 from ..finetune.scopes import SCOPES
 from ..finetune.train import PROMPT_MODES, TrainingResult, TrainSettings, train_adapter
@@ -229,6 +230,11 @@ class FinetuneWidget(QWidget):
         if output is None:
             text = self.output_edit.text().strip()
             output = Path(text).expanduser() if text else default_adapter_folder(pairs[0][0].name, settings.scope)
+        try:
+            check_output_folder(output)
+        except AdapterError as error:
+            show_error(f"fine-tuning: {error}")
+            return False
         used = {id(labels): ([s.slice_index for s in data.train if s.volume_index == index],
                              [s.slice_index for s in data.validation if s.volume_index == index])
                 for index, (_, labels) in enumerate(pairs)}
@@ -275,6 +281,10 @@ class FinetuneWidget(QWidget):
         if self.running:
             self._cancel.set()
             self.status_label.setText("cancelling after this step…")
+
+    def closeEvent(self, event) -> None:
+        self._cancel.set()  # a run outliving its panel stops after the current step
+        super().closeEvent(event)
 
     def _on_progress(self, step: int, total: int, metrics: dict) -> None:
         self.progress_bar.setValue(int(1000 * metrics.get("fraction", 0.0)))

@@ -127,10 +127,7 @@ def save_adapter(output_dir: str | Path, *, scope: str, weights: dict[str, torch
     """
     from safetensors.torch import save_file
 
-    output_dir = Path(output_dir)
-    if output_dir.exists() and (not output_dir.is_dir() or (any(output_dir.iterdir())
-                                                            and not (output_dir / METADATA_FILE).is_file())):
-        raise AdapterError(f"{output_dir} exists and is not an adapter folder; choose a new or empty folder")
+    output_dir = check_output_folder(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     try:
@@ -155,6 +152,15 @@ def save_adapter(output_dir: str | Path, *, scope: str, weights: dict[str, torch
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return read_adapter_info(output_dir)
+
+
+def check_output_folder(output_dir: str | Path) -> Path:
+    """``output_dir`` if an adapter may be written there: new, empty, or an older adapter (replaced)."""
+    output_dir = Path(output_dir).expanduser()
+    if output_dir.exists() and (not output_dir.is_dir() or (any(output_dir.iterdir())
+                                                            and not (output_dir / METADATA_FILE).is_file())):
+        raise AdapterError(f"{output_dir} exists and is not an adapter folder; choose a new or empty folder")
+    return output_dir
 
 
 def _json_default(value):

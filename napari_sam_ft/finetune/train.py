@@ -31,7 +31,7 @@ import torch
 
 from ..devices import autocast_context, autocast_dtype, dtype_name
 from ..models.registry import LoadedModel
-from .adapters import adapter_size_bytes, base_network_copy, save_adapter
+from .adapters import adapter_size_bytes, base_network_copy, check_output_folder, save_adapter
 from .augment import AugmentSettings, augment_pair, jittered_box, sampled_points
 from .data import AnnotatedSlice, TrainingData
 from .evaluate import MODE_VALIDATION, class_logits, decode_prompts, objects_on_slice, pad_points, score_slices
@@ -82,6 +82,8 @@ class TrainSettings:
             raise ValueError(f"unknown prompt mode {self.prompt_mode!r}; choose one of {', '.join(PROMPT_MODES)}")
         if self.epochs < 0 or self.decoder_epochs < 0 or self.epochs + self.decoder_epochs == 0:
             raise ValueError("epochs and decoder_epochs must be >= 0 and not both 0")
+        if self.scope == "decoder" and self.decoder_epochs == 0:
+            raise ValueError("the decoder scope trains in the decoder phase only: decoder_epochs must be at least 1")
         if self.batch_size < 1 or self.views_per_slice < 1:
             raise ValueError("batch_size and views_per_slice must be at least 1")
         if self.time_budget_s is not None and self.time_budget_s <= 0:
@@ -142,7 +144,9 @@ class _Trainer:
         self.should_cancel = should_cancel
         self.device = model.device
         self.preprocessing = model.preprocessing
-        self.dtype = autocast_dtype(self.device, settings.precision)
+        self.dtype = autocast_dtype(self.device, settings.precision)  # encoding, as the engine does
+        # Gradients in fp16 need loss scaling; train in fp32 there and use bf16 where the hardware has it.
+        self.train_dtype = None if self.dtype == torch.float16 else self.dtype
         self.rng = np.random.default_rng(settings.seed)
         self.started = time.perf_counter()
         self.step = 0
@@ -197,7 +201,8 @@ class _Trainer:
         """
         inputs = self.preprocessing.image_to_tensor(np.stack(images_01)).to(self.device)
         inputs = inputs.contiguous(memory_format=torch.channels_last)
-        with autocast_context(self.device, self.dtype):
+        dtype = self.train_dtype if torch.is_grad_enabled() else self.dtype
+        with autocast_context(self.device, dtype):
             embeddings = self.sam.image_encoder(inputs)
         if not torch.is_grad_enabled():
             # The engine's embedding cache keeps float16: score and train on what inference will see.
@@ -263,7 +268,7 @@ class _Trainer:
             mode = "none" if self.rng.random() < MIXED_AUTOMATIC_SHARE else ("box" if self.rng.random() < 2 / 3
                                                                               else "point")
         losses = []
-        with autocast_context(self.device, self.dtype):
+        with autocast_context(self.device, self.train_dtype):
             if mode == "none":
                 shapes = [view.labels.shape for view in views]
                 for logits, view in zip(class_logits(self.head, self.sam, self.preprocessing, embeddings, shapes),
@@ -410,6 +415,7 @@ def train_adapter(model: LoadedModel, data: TrainingData, output_dir: str | Path
     """
     settings = settings or TrainSettings()
     settings.check()
+    check_output_folder(output_dir)  # fail now, not after minutes of training
     trainer = _Trainer(model, data, settings, progress, should_cancel)
     encoder_phase = settings.scope in ("lora", "full") and settings.epochs > 0
     decoder_steps_per_epoch = math.ceil(

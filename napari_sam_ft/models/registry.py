@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoints import CheckpointError, guess_model_family, load_state_dict
+from .fast_attention import use_fused_attention
 
 DEFAULT_MODEL = "litemedsam"
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -247,6 +248,7 @@ def load_model(name: str = DEFAULT_MODEL, checkpoint: str | Path | None = None,
             f"{checkpoint}: does not fit model {name!r} ({len(missing)} missing, {len(unexpected)} unexpected, "
             f"{len(mismatched)} wrongly shaped weights); it looks like {guess}")
     sam.load_state_dict(state_dict, strict=True)
+    use_fused_attention(sam)
     sam.eval()
     for parameter in sam.parameters():
         parameter.requires_grad_(False)
