@@ -113,6 +113,36 @@ def test_train_adapter_saves_a_working_adapter_and_leaves_the_model_alone(model,
         unload_adapter(model)
 
 
+def test_lora_run_tunes_the_encoder_and_the_engine_reproduces_its_validation(model, data, ct, tmp_path):
+    phases = set()
+    settings = tiny_settings(scope="lora", prompt_mode="none", decoder_epochs=1, epochs=1)
+    result = train_adapter(model, data, tmp_path / "lora", settings,
+                           progress=lambda step, total, metrics: phases.add(metrics["phase"]))
+    assert {"decoder", "encoder"} <= phases and result.steps == 2
+    assert result.adapter_bytes < 5 * 2**20
+    info = load_adapter(model, result.adapter_dir)
+    try:
+        assert info.scope == "lora" and model.encoder_adapted and model.class_ids == (1, 5)
+        # The engine re-encodes with the adapted encoder (own cache key) and gets the stored validation Dice.
+        predictor = VolumePredictor(model, ct.image)
+        assert predictor.cache_key.adapter_id == info.adapter_id
+        scores = score_slices(model.sam, model.preprocessing, [predictor.embedding(14)], [data.validation[0].labels],
+                              data.class_ids, ("none",), head=model.class_head)
+        assert scores["none"] == pytest.approx(info.val_dice_after["none"], abs=1e-6)
+    finally:
+        unload_adapter(model)
+
+
+def test_point_prompt_training(model, data, tmp_path):
+    result = train_adapter(model, data, tmp_path / "point", tiny_settings(prompt_mode="point", decoder_epochs=1))
+    # LiteMedSAM was trained with boxes: one click gives almost nothing before tuning. The best weights
+    # are kept, so the stored validation Dice never drops below the starting one.
+    assert set(result.val_dice_after) == {"point"}
+    assert result.val_dice_after["point"] >= result.val_dice_before["point"]
+    metadata = json.loads((result.adapter_dir / METADATA_FILE).read_text())
+    assert metadata["prompt_modes"] == ["point"] and not metadata["has_class_head"]
+
+
 def test_cancel_mid_epoch_keeps_the_best_adapter_so_far(model, data, ct, tmp_path):
     steps = []
     validations = []

@@ -16,7 +16,7 @@ from pathlib import Path
 from napari.layers import Image, Labels
 from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error, show_info
-from qtpy.QtCore import QObject, Signal
+from qtpy.QtCore import QObject, Qt, Signal
 from qtpy.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QLineEdit, QListWidget,
                             QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget)
 
@@ -30,6 +30,7 @@ from .finetune_plot import TrainingPlot
 
 PROMPT_LABELS = {"mixed": "mixed (automatic + prompts)", "box": "box", "point": "point", "none": "none (automatic)"}
 SKIPPED_LABEL_LAYERS = ("SAM preview",)  # the segment panel's preview is not an annotation
+PAIR_ROLE = Qt.ItemDataRole.UserRole  # where a listed pair keeps its (image, labels) layer names
 
 
 def default_adapter_folder(image_name: str, scope: str) -> Path:
@@ -181,11 +182,11 @@ class FinetuneWidget(QWidget):
             show_error("choose an image and a labels layer first")
             return
         self.pairs_list.addItem(f"{image.name}  ⟶  {labels.name}")
-        self.pairs_list.item(self.pairs_list.count() - 1).setData(256, (image.name, labels.name))
+        self.pairs_list.item(self.pairs_list.count() - 1).setData(PAIR_ROLE, (image.name, labels.name))
 
     def pairs(self) -> list[tuple[Image, Labels]]:
         """The (image, labels) layers to train on: the listed pairs, or else the pair chosen above."""
-        chosen = [self.pairs_list.item(row).data(256) for row in range(self.pairs_list.count())]
+        chosen = [self.pairs_list.item(row).data(PAIR_ROLE) for row in range(self.pairs_list.count())]
         layers = {layer.name: layer for layer in self._viewer.layers}
         pairs = [(layers.get(image), layers.get(labels)) for image, labels in chosen]
         if not chosen:

@@ -67,7 +67,7 @@ class TrainSettings:
     head_learning_rate: float = 5e-3
     weight_decay: float = 1e-4
     warmup_fraction: float = 0.05
-    patience: int = 6  # validations without improvement before a phase stops
+    patience: int = 10  # validations without improvement before a phase stops
     min_improvement: float = 1e-3
     decoder_phase_share: float = 0.6  # of the time budget, for lora / full: its steps are ~10x cheaper
     seed: int = 0
@@ -344,6 +344,7 @@ class _Trainer:
         phase_steps = epochs * steps_per_epoch
         done = 0
         stale = 0
+        improved_once = False
         losses: list[float] = []  # since the last validation
         for epoch in range(epochs):
             out_of_time = False
@@ -375,7 +376,12 @@ class _Trainer:
             if losses and (last_epoch or enough):
                 self.check_cancel()
                 scores = self.validate(None if encoder_pass else self.validation_embeddings)
-                stale = 0 if self.keep_if_best(scores) else stale + 1
+                if self.keep_if_best(scores):
+                    improved_once, stale = True, 0
+                elif improved_once:
+                    # Before the first improvement a new head may still be finding its feet (its Dice sits at
+                    # 0 for a while): only the epochs or the time budget end such a phase.
+                    stale += 1
                 self.report(total, {"phase": name, "epoch": epoch + 1, "loss": float(np.mean(losses)),
                                     "val_dice": float(np.nanmean(list(scores.values()))), "val_scores": scores,
                                     "best_val_dice": self.best_score})

@@ -126,3 +126,18 @@ def test_correction_tracker_finds_changed_slices():
     assert tracker.changed_slices(layer) == []
     layer.data[2, 1, 1] = 3
     assert tracker.changed_slices(layer) == [2]
+
+
+def test_several_pairs_and_bad_input_are_handled(panel, notifications):
+    viewer = panel._viewer
+    panel.add_current_pair()
+    panel.labels_combo.select_layer(viewer.layers["sample CT reference"])
+    panel.add_current_pair()
+    pairs = panel.pairs()
+    assert [(image.name, labels.name) for image, labels in pairs] == [
+        ("sample CT", "my annotations"), ("sample CT", "sample CT reference")]
+    panel.pairs_list.clear()
+    panel.slices_edit.setText(str(SLICE))  # one slice of the reference: nothing left to validate on
+    assert not panel.start_training()
+    assert any("only one annotated slice" in str(n.message) for n in notifications)
+    assert not panel.running and panel.result is None
