@@ -93,3 +93,19 @@ def test_bad_input_gets_one_line_and_exit_code_1(tmp_path, capsys):
 def test_sample_writes_the_bundled_files(tmp_path):
     assert main(["sample", "-o", str(tmp_path)]) == 0
     assert (tmp_path / "example_ct_sm.nii.gz").exists() and (tmp_path / "example_seg.nii.gz").exists()
+
+
+def test_several_sequences_feed_the_three_input_channels_from_the_cli(tmp_path, capsys):
+    from napari_sam_ft.sample import sample_paths as paths
+
+    mr, _ = paths("mr")
+    image = nib.load(str(mr))
+    data = np.asanyarray(image.dataobj)
+    four_d = tmp_path / "mr_4d.nii.gz"
+    nib.save(nib.Nifti1Image(np.stack([data, data[::-1], data], axis=-1), image.affine), str(four_d))
+    assert main(["embed", str(four_d), "--channels", "0,1,2", "--no-disk-cache"]) == 0
+    assert "encoded 20 slices" in capsys.readouterr().out
+    assert main(["embed", str(mr), "--with-sequences", str(mr), "--no-disk-cache"]) == 0
+    assert "encoded 20 slices" in capsys.readouterr().out
+    assert main(["embed", str(four_d), "--channels", "0,7", "--no-disk-cache"]) == 1
+    assert "0..2" in capsys.readouterr().err

@@ -13,6 +13,11 @@ def add_volume_options(parser) -> None:
     parser.add_argument("--axis", type=int, choices=(0, 1, 2), default=None,
                         help="file voxel axis to slice along (NIfTI default 2, TIFF/npy default 0)")
     parser.add_argument("--channel", type=int, default=None, help="channel or time point of a 4D file")
+    parser.add_argument("--channels", default=None,
+                        help="up to three channels of a 4D file fed to SAM's red, green and blue inputs, e.g. 0,1,2 "
+                        "(T1/T2/FLAIR); or extra co-registered files with --with-sequences")
+    parser.add_argument("--with-sequences", nargs="+", default=None, metavar="FILE",
+                        help="co-registered volumes stacked with IMAGE as channels (e.g. T2.nii.gz FLAIR.nii.gz)")
     parser.add_argument("--window", default="auto",
                         help=f"intensity window: {', '.join(WINDOW_CHOICES)} or LEVEL,WIDTH (default auto: a CT "
                         "soft-tissue window for Hounsfield data, 0.5-99.5 %% percentiles otherwise)")
@@ -38,16 +43,33 @@ def parse_window(text: str):
     return text
 
 
+def read_input_volume(args):
+    """IMAGE as one volume: a single channel, or several sequences as SAM's colour channels."""
+    from ..volume import read_channels, read_volume
+
+    channels = getattr(args, "channels", None)
+    sequences = getattr(args, "with_sequences", None)
+    if sequences:
+        chosen = [int(value) for value in channels.split(",")] if channels else None
+        return read_channels([args.image, *sequences], chosen, slicing_axis=args.axis)
+    if channels:
+        try:
+            chosen = [int(value) for value in channels.split(",")]
+        except ValueError:
+            raise ValueError(f"--channels must be N or N,N,N; got {channels!r}") from None
+        return read_channels(args.image, chosen, slicing_axis=args.axis)
+    return read_volume(args.image, slicing_axis=getattr(args, "axis", None), channel=getattr(args, "channel", None))
+
+
 def open_predictor(args, volume=None):
     """The volume and a ``VolumePredictor`` for it, configured from the common options."""
     from ..devices import select_device
     from ..engine.cache import EmbeddingCache, default_cache_dir
     from ..engine.predictor import VolumePredictor
     from ..models.registry import load_model
-    from ..volume import read_volume
 
     if volume is None:
-        volume = read_volume(args.image, slicing_axis=getattr(args, "axis", None), channel=getattr(args, "channel", None))
+        volume = read_input_volume(args)
     device = select_device(args.device)
     model = load_model(args.model, args.checkpoint, device=device)
     if getattr(args, "adapter", None):
