@@ -114,17 +114,23 @@ def predict_class_labels(head: nn.Module, sam: nn.Module, preprocessing: Preproc
 
 
 @torch.no_grad()
-def predict_prompted(sam: nn.Module, preprocessing: Preprocessing, embedding: torch.Tensor, mask: np.ndarray,
-                     mode: str) -> np.ndarray:
-    """The object a user would get from the tight box (``box``) or the deepest point (``point``) of ``mask``."""
-    height, width = mask.shape
-    if mode == "box":
-        logits = decode_prompts(sam, preprocessing, embedding, height, width, boxes_xyxy=box_from_mask(mask)[None])
-    else:
-        point = interior_point(mask)
-        logits = decode_prompts(sam, preprocessing, embedding, height, width, points_xy=point.reshape(1, 1, 2),
-                                point_labels=np.ones((1, 1), np.int64))
-    return (logits[0, 0] > 0).cpu().numpy()
+def predict_prompted(sam: nn.Module, preprocessing: Preprocessing, embedding: torch.Tensor,
+                     masks: Sequence[np.ndarray], mode: str, chunk: int = 16) -> list[np.ndarray]:
+    """The objects a user would get from the tight box (``box``) or the deepest point (``point``) of each
+    (H, W) mask on one slice, decoded ``chunk`` prompts per decoder pass."""
+    predictions: list[np.ndarray] = []
+    for start in range(0, len(masks), chunk):
+        group = masks[start:start + chunk]
+        height, width = group[0].shape
+        if mode == "box":
+            logits = decode_prompts(sam, preprocessing, embedding, height, width,
+                                    boxes_xyxy=np.stack([box_from_mask(mask) for mask in group]))
+        else:
+            points = np.stack([interior_point(mask) for mask in group])[:, None]
+            logits = decode_prompts(sam, preprocessing, embedding, height, width, points_xy=points,
+                                    point_labels=np.ones((len(group), 1), np.int64))
+        predictions.extend((logits[:, 0] > 0).cpu().numpy())
+    return predictions
 
 
 def score_slices(sam: nn.Module, preprocessing: Preprocessing, embeddings: Sequence[torch.Tensor],
@@ -134,9 +140,12 @@ def score_slices(sam: nn.Module, preprocessing: Preprocessing, embeddings: Seque
     scores: dict[str, float] = {}
     for mode in modes:
         if mode in PROMPTED_MODES:
-            values = [dice_score(predict_prompted(sam, preprocessing, embedding, mask, mode), mask)
-                      for embedding, slice_labels in zip(embeddings, labels)
-                      for _, mask in objects_on_slice(slice_labels, class_ids)]
+            values = []
+            for embedding, slice_labels in zip(embeddings, labels):
+                masks = [mask for _, mask in objects_on_slice(slice_labels, class_ids)]
+                if masks:
+                    predicted = predict_prompted(sam, preprocessing, embedding, masks, mode)
+                    values.extend(dice_score(prediction, mask) for prediction, mask in zip(predicted, masks))
             scores[mode] = float(np.mean(values)) if values else float("nan")
         elif mode == "none":
             if head is None:

@@ -11,8 +11,8 @@ The recipe, chosen to finish a 5-slice adapt in minutes on a laptop CPU:
 3. **Encoder phase** (``lora`` and ``full``). The encoder's LoRA (or all its weights) joins in: each step
    runs the encoder with gradients on a small batch of views, under bf16 autocast.
 
-Loss: Dice + cross-entropy (MONAI ``DiceCELoss``): binary per prompted object, softmax over background
-+ K classes for the automatic head. Optimiser: AdamW, linear warm-up then cosine decay, where a phase's
+Loss: Dice + cross-entropy (``losses``, MONAI's ``DiceCELoss`` definitions): binary per prompted object,
+softmax over background + K classes for the automatic head (Dice without the background channel). Optimiser: AdamW, linear warm-up then cosine decay, where a phase's
 progress is the larger of its step fraction and its share of the time budget, so a run cut by the
 budget still ends at a low learning rate. Early stopping on validation Dice; the best weights are kept
 and saved, also when the caller cancels. Seeds are fixed.
@@ -36,6 +36,7 @@ from .augment import AugmentSettings, augment_pair, jittered_box, sampled_points
 from .data import AnnotatedSlice, TrainingData
 from .evaluate import MODE_VALIDATION, class_logits, decode_prompts, objects_on_slice, pad_points, score_slices
 from .heads import ClassHead
+from .losses import binary_dice_ce, multiclass_dice_ce
 from .scopes import SCOPES, LoraSettings, TrainableModel, prepare_scope
 
 PROMPT_MODES = ("box", "point", "none", "mixed")
@@ -123,7 +124,7 @@ class _View:
     slice_ref: AnnotatedSlice
     image_01: np.ndarray
     labels: np.ndarray
-    embedding: torch.Tensor | None = None  # (256, 64, 64) from the frozen encoder
+    embedding: torch.Tensor | None = None  # (256, 64, 64) float16 (as the engine caches it), frozen encoder
 
 
 class _Stop(Exception):
@@ -163,10 +164,7 @@ class _Trainer:
         self.best_state: tuple[dict, dict | None] | None = None
         self.views: list[_View] = []
         self.validation_embeddings: list[torch.Tensor] = []
-        from monai.losses import DiceCELoss
-
-        self.binary_loss = DiceCELoss(sigmoid=True, batch=True)
-        self.class_loss = DiceCELoss(softmax=True, to_onehot_y=True, include_background=False, batch=True)
+        self.last_validation_s = 0.0
 
     # -- bookkeeping ---------------------------------------------------------------------------------
     @property
@@ -227,7 +225,7 @@ class _Trainer:
                 self.check_cancel()
                 chunk = pending[start:start + batch]
                 for view, embedding in zip(chunk, self.encode([view.image_01 for view in chunk])):
-                    view.embedding = embedding
+                    view.embedding = embedding.half()  # exact: ``encode`` rounded it to float16 already
                 encoded += len(chunk)
                 self.report(total, {"phase": "encoding", "encoded": encoded, "to_encode": to_encode})
             for example in self.data.validation:
@@ -255,7 +253,7 @@ class _Trainer:
             logits = decode_prompts(self.sam, self.preprocessing, embedding, height, width, points_xy=coords,
                                     point_labels=point_labels)
         target = torch.from_numpy(masks[:, None].astype(np.float32)).to(self.device)
-        return self.binary_loss(logits.float(), target)
+        return binary_dice_ce(logits.float(), target)
 
     def batch_loss(self, embeddings: torch.Tensor, views: list[_View]) -> torch.Tensor:
         """Mean loss of a batch: the automatic head on all views, or simulated prompts per view.
@@ -274,7 +272,7 @@ class _Trainer:
                 for logits, view in zip(class_logits(self.head, self.sam, self.preprocessing, embeddings, shapes),
                                         views):
                     target = torch.from_numpy(self.data.class_indices(view.labels)[None, None]).to(self.device)
-                    losses.append(self.class_loss(logits[None].float(), target))
+                    losses.append(multiclass_dice_ce(logits[None].float(), target))
             else:
                 for index, view in enumerate(views):
                     loss = self.prompted_loss(embeddings[index:index + 1], view.labels, mode)
@@ -286,9 +284,16 @@ class _Trainer:
 
     # -- validation ------------------------------------------------------------------------------------
     def validate(self, embeddings: list[torch.Tensor] | None = None) -> dict[str, float]:
-        if embeddings is None:
-            with torch.no_grad():
-                embeddings = [self.encode([example.image_01]) for example in self.data.validation]
+        started = time.perf_counter()
+        try:
+            if embeddings is None:
+                with torch.no_grad():
+                    embeddings = [self.encode([example.image_01]) for example in self.data.validation]
+            return self._score(embeddings)
+        finally:
+            self.last_validation_s = time.perf_counter() - started
+
+    def _score(self, embeddings: list[torch.Tensor]) -> dict[str, float]:
         return score_slices(self.sam, self.preprocessing, embeddings, [example.labels for example in self.data.validation],
                             self.data.class_ids, self.settings.validation_modes, head=self.head)
 
@@ -351,7 +356,8 @@ class _Trainer:
             for batch in batches():
                 self.check_cancel()
                 spent = time.perf_counter() - phase_started
-                if phase_budget is not None and spent >= phase_budget:
+                # Leave time for the validation that closes the phase, so the run keeps to its budget.
+                if phase_budget is not None and spent + self.last_validation_s >= phase_budget:
                     out_of_time = True
                     break
                 fraction = done / phase_steps
@@ -361,7 +367,7 @@ class _Trainer:
                 if encoder_pass:
                     embeddings = self.encode([view.image_01 for view in batch])
                 else:
-                    embeddings = torch.stack([view.embedding for view in batch])
+                    embeddings = torch.stack([view.embedding for view in batch]).float()
                 loss = self.batch_loss(embeddings, batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
