@@ -19,6 +19,7 @@ from ..devices import autocast_context, autocast_dtype, dtype_name
 from ..models.registry import LoadedModel
 from ..volume import Volume, Window, choose_window
 from .cache import CacheKey, EmbeddingCache, volume_content_hash
+from .fast_decoder import FastMaskDecoder, supports
 
 ProgressCallback = Callable[[int, int], None]
 CancelCheck = Callable[[], bool]
@@ -103,6 +104,10 @@ class VolumePredictor:
         self.encoded_slices = 0
         self.last_decode_ms = float("nan")
         self._current_slice: int | None = None
+        # On a CPU the mask decoder's arithmetic, laid out for clicks, is ~4x faster than the stock module
+        # (engine.fast_decoder); accelerators run the stock decoder under autocast. None: stock decoder.
+        self.fast_decoder = (FastMaskDecoder(self.encoder_dtype or torch.float32)
+                             if model.device.type == "cpu" and supports(model.sam.mask_decoder) else None)
         self._encode_lock = threading.Lock()  # one encoder pass at a time: they already use every core
 
     # -- geometry and keys -----------------------------------------------------------------------
@@ -276,6 +281,20 @@ class VolumePredictor:
             box_prompt = torch.from_numpy(corners.reshape(-1, 4)).to(device)
         if mask_inputs is not None:
             mask_inputs = mask_inputs.to(device, torch.float32)
+        if self.fast_decoder is not None and not sam.mask_decoder.training:
+            sparse, dense = sam.prompt_encoder(points=point_prompt, boxes=box_prompt, masks=mask_inputs)
+            low_res, iou = self.fast_decoder(sam, embedding, sparse, dense if mask_inputs is not None else None,
+                                             multimask_output, image_key=(self.cache_key, slice_index))
+        else:
+            low_res, iou = self._stock_decode(embedding, point_prompt, box_prompt, mask_inputs, multimask_output)
+        logits = preprocessing.logits_to_slice(low_res, height, width, output_shape)
+        self.last_decode_ms = (time.perf_counter() - started) * 1000.0
+        return logits, iou, low_res
+
+    def _stock_decode(self, embedding: torch.Tensor, point_prompt, box_prompt, mask_inputs, multimask_output: bool):
+        """segment-anything's prompt encoder and mask decoder modules, as they are."""
+        sam = self.model.sam
+        device = self.model.device
         # The decoder runs under the same reduced precision as the encoder: on CPUs with native bf16 this
         # cuts a click by about a quarter and leaves >99.9 % of mask pixels unchanged (see the benchmark).
         with autocast_context(device, self.encoder_dtype):
@@ -283,10 +302,7 @@ class VolumePredictor:
             low_res, iou = sam.mask_decoder(image_embeddings=embedding, image_pe=self._dense_positional_encoding(),
                                             sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
                                             multimask_output=multimask_output)
-        low_res, iou = low_res.float(), iou.float()
-        logits = preprocessing.logits_to_slice(low_res, height, width, output_shape)
-        self.last_decode_ms = (time.perf_counter() - started) * 1000.0
-        return logits, iou, low_res
+        return low_res.float(), iou.float()
 
     def _dense_positional_encoding(self) -> torch.Tensor:
         """The prompt encoder's positional encoding of the embedding grid: the same for every click."""

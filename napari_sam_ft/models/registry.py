@@ -73,8 +73,10 @@ class Preprocessing:
         ``output_shape`` gives the logits on a coarser grid of the same slice instead (automatic
         segmentation filters hundreds of candidates there and upsamples only the chosen ones).
         """
-        logits = F.interpolate(low_res_logits.float(), size=(self.input_size, self.input_size), mode="bilinear",
-                               align_corners=False)
+        logits = low_res_logits.float()
+        if logits.shape[-2:] != (self.input_size, self.input_size):  # LiteMedSAM's decoder is already there
+            logits = F.interpolate(logits, size=(self.input_size, self.input_size), mode="bilinear",
+                                   align_corners=False)
         new_height, new_width = self.resized_shape(height, width)
         logits = logits[..., :new_height, :new_width]
         return F.interpolate(logits, size=output_shape or (height, width), mode="bilinear", align_corners=False)
