@@ -126,3 +126,20 @@ def test_the_predictor_uses_the_fast_decoder_on_cpu_and_masks_match_the_stock_pa
     np.testing.assert_allclose(fast_scores, stock_scores, atol=1e-4)
     assert dice(fast_click.mask, stock_click.mask) > 0.999
     assert dice(fast_masks[1], reference == LIVER) > 0.9
+
+
+def test_min_score_skips_only_the_upscaling_of_low_scoring_prompts(litemedsam, embedding):
+    from napari_sam_ft.engine.fast_decoder import SKIPPED_LOGIT
+
+    fast = FastMaskDecoder()
+    sam = litemedsam.sam
+    with torch.inference_mode():
+        sparse, _ = sam.prompt_encoder(points=POINTS, boxes=BOXES, masks=None)
+        all_masks, iou = fast(sam, embedding, sparse, None, True)
+        threshold = float(iou.amax(dim=1).median())
+        masks, filtered_iou = fast(sam, embedding, sparse, None, True, min_score=threshold)
+    kept = iou.amax(dim=1) >= threshold
+    assert 0 < kept.sum() < len(kept)
+    torch.testing.assert_close(filtered_iou, iou)
+    torch.testing.assert_close(masks[kept], all_masks[kept])
+    assert (masks[~kept] == SKIPPED_LOGIT).all()

@@ -33,7 +33,9 @@ class AutomaticSettings:
     min_foreground_fraction: float = 0.02  # slices with less body than this are skipped
     link_iou: float = 0.3  # 2D objects on neighbouring slices overlapping this much are one 3D object
     min_instance_voxels: int = 30
-    prompt_batch: int = 64
+    # Prompts per decoder pass; None: 8 on a CPU, where larger batches spill the caches and run slower
+    # per prompt, 64 on an accelerator.
+    prompt_batch: int | None = None
 
 
 def body_mask(slice_01: np.ndarray, threshold: float) -> np.ndarray:
@@ -86,14 +88,16 @@ def _decode_candidates(predictor: VolumePredictor, slice_index: int, body: np.nd
     use_boxes = predictor.model.spec.automatic_prompt == "box"
     prompts = grid_boxes(body, settings.box_scales) if use_boxes else grid_points(body, settings.points_per_side)
     all_logits, all_scores = [], []
-    for start in range(0, len(prompts), settings.prompt_batch):
-        batch = prompts[start:start + settings.prompt_batch]
+    batch_size = settings.prompt_batch or (8 if predictor.model.device.type == "cpu" else 64)
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
         if use_boxes:
             logits, scores, _ = predictor.decode(slice_index, None, None, batch, None, multimask_output=False,
-                                                 output_shape=work_shape)
+                                                 output_shape=work_shape, min_score=settings.pred_iou_threshold)
         else:
             logits, scores, _ = predictor.decode(slice_index, batch[:, None, :], np.ones((len(batch), 1), np.float32),
-                                                 None, None, multimask_output=True, output_shape=work_shape)
+                                                 None, None, multimask_output=True, output_shape=work_shape,
+                                                 min_score=settings.pred_iou_threshold)
         all_logits.append(logits.flatten(0, 1))
         all_scores.append(scores.flatten(0, 1).float())
     if not all_logits:

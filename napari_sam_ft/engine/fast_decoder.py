@@ -35,6 +35,7 @@ from torch import nn
 
 
 FIRST_BLOCK_CACHE_SLICES = 4  # ~5 MB each in bf16 for a 64x64 grid
+SKIPPED_LOGIT = -100.0  # the logits of a mask not computed (``min_score``): background everywhere
 
 
 def supports(mask_decoder: nn.Module) -> bool:
@@ -349,13 +350,17 @@ class FastMaskDecoder:
 
     @torch.inference_mode()
     def __call__(self, sam: nn.Module, image_embedding: torch.Tensor, sparse_prompt_embeddings: torch.Tensor, mask_embeddings: torch.Tensor | None,
-                 multimask_output: bool, image_key=None) -> tuple[torch.Tensor, torch.Tensor]:
+                 multimask_output: bool, image_key=None,
+                 min_score: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Like ``sam.mask_decoder(image_embedding, sam.prompt_encoder.get_dense_pe(), sparse, dense,
         multimask_output)`` for a
         (1, C, H, W) embedding and B prompts. ``mask_embeddings`` is the prompt encoder's (B, C, H, W)
         dense output for mask prompts, or None without them (``no_mask_embed``: the prompts then share the
         image tokens up to the first image-to-token attention). A hashable ``image_key`` naming the
         embedding lets later calls on the same slice reuse the first block's image projections.
+        With ``min_score``, prompts whose masks all have a predicted IoU below it skip the upscaling (the
+        largest part of a prompt's cost): their logits are ``SKIPPED_LOGIT`` everywhere. Automatic
+        segmentation discards such masks anyway.
         Returns float32 low-res logits (B, M, 4H, 4W) and predicted IoU (B, M)."""
         weights = self.weights(sam)
         batch = sparse_prompt_embeddings.shape[0]
@@ -375,10 +380,17 @@ class FastMaskDecoder:
         mask_indices = range(1, weights.num_mask_tokens) if multimask_output else range(0, 1)
         hyper_in = torch.stack([self._mlp(queries[:, 1 + index], weights.hypernetworks[index])
                                 for index in mask_indices], dim=1)
-        if keys.shape[0] == 1 and batch > 1:
-            keys = keys.expand(batch, -1, -1)
-        masks = self._upscale_masks(weights, keys, hyper_in)
         iou = self._mlp(queries[:, 0], weights.iou_head)
         if weights.iou_sigmoid:
             iou = torch.sigmoid(iou)
-        return masks.float(), iou[:, mask_indices.start:mask_indices.stop].float()
+        iou = iou[:, mask_indices.start:mask_indices.stop].float()
+        if keys.shape[0] == 1 and batch > 1:
+            keys = keys.expand(batch, -1, -1)
+        if min_score is None:
+            return self._upscale_masks(weights, keys, hyper_in).float(), iou
+        kept = torch.nonzero(iou.amax(dim=1) >= min_score).flatten()
+        height, width = weights.grid
+        masks = torch.full((batch, len(mask_indices), 4 * height, 4 * width), SKIPPED_LOGIT)
+        if len(kept):
+            masks[kept] = self._upscale_masks(weights, keys[kept], hyper_in[kept]).float()
+        return masks, iou

@@ -257,12 +257,14 @@ class VolumePredictor:
     @torch.inference_mode()
     def decode(self, slice_index: int, points_xy: np.ndarray | None, point_labels: np.ndarray | None,
                boxes_xyxy: np.ndarray | None, mask_inputs: torch.Tensor | None, multimask_output: bool,
-               output_shape: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               output_shape: tuple[int, int] | None = None,
+               min_score: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Batched prompt encoder + mask decoder on one slice.
 
         ``points_xy`` (B, N, 2), ``point_labels`` (B, N), ``boxes_xyxy`` (B, 4), ``mask_inputs`` (B, 1, h, w).
         Returns slice-grid logits (B, K, H, W) (or on ``output_shape``), predicted IoU (B, K) and low-res
-        logits (B, K, h, w).
+        logits (B, K, h, w). With ``min_score`` the masks of prompts whose predicted IoUs are all below it
+        may be left uncomputed (background), which automatic segmentation, filtering on the IoU, allows.
         """
         started = time.perf_counter()
         sam = self.model.sam
@@ -284,7 +286,8 @@ class VolumePredictor:
         if self.fast_decoder is not None and not sam.mask_decoder.training:
             sparse, dense = sam.prompt_encoder(points=point_prompt, boxes=box_prompt, masks=mask_inputs)
             low_res, iou = self.fast_decoder(sam, embedding, sparse, dense if mask_inputs is not None else None,
-                                             multimask_output, image_key=(self.cache_key, slice_index))
+                                             multimask_output, image_key=(self.cache_key, slice_index),
+                                             min_score=min_score)
         else:
             low_res, iou = self._stock_decode(embedding, point_prompt, box_prompt, mask_inputs, multimask_output)
         logits = preprocessing.logits_to_slice(low_res, height, width, output_shape)
