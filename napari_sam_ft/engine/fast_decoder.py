@@ -13,9 +13,12 @@ key_pe)`` adds the positional encoding to the whole grid before each projection.
   projects its image tokens with one matmul (token-to-image keys and values and image-to-token queries
   concatenated) plus a precomputed addend;
 - in the first block all prompts of a batch share the same image tokens (when no mask prompt is given), so
-  they are projected once, not once per prompt;
+  they are projected once, not once per prompt, and that projection is kept for the last few slices;
+- the image-to-token attention (4096 image queries over a handful of prompt tokens) is two block-diagonal
+  matmuls instead of per-head kernels;
 - the two stride-2 transposed convolutions of the upscaling are per-pixel matmuls whose outputs are
-  rearranged into the 256x256 grid once, at the end, and only the requested masks are computed.
+  rearranged into the 256x256 grid once, at the end, and only the requested masks are computed (with
+  ``min_score``, only for prompts whose predicted IoU reaches it).
 
 Every linear layer's effective weight is read by probing the layer itself (``layer(I) - layer(0)``), so a
 peft LoRA adapter on the decoder is honoured without knowing peft's internals; the weights are read again
@@ -32,7 +35,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 
 FIRST_BLOCK_CACHE_SLICES = 4  # ~5 MB each in bf16 for a 64x64 grid
 SKIPPED_LOGIT = -100.0  # the logits of a mask not computed (``min_score``): background everywhere
