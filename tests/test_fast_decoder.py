@@ -143,3 +143,25 @@ def test_min_score_skips_only_the_upscaling_of_low_scoring_prompts(litemedsam, e
     torch.testing.assert_close(filtered_iou, iou)
     torch.testing.assert_close(masks[kept], all_masks[kept])
     assert (masks[~kept] == SKIPPED_LOGIT).all()
+
+
+def test_a_randomly_initialised_sam_vit_decoder_matches_too():
+    """Not tied to LiteMedSAM's weights: SAM's own decoder layout for a 1024-pixel input, random weights."""
+    from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+
+    torch.manual_seed(3)
+    sam = torch.nn.Module()
+    sam.prompt_encoder = PromptEncoder(embed_dim=256, image_embedding_size=(64, 64), input_image_size=(1024, 1024),
+                                       mask_in_chans=16)
+    sam.mask_decoder = MaskDecoder(num_multimask_outputs=3, transformer_dim=256, iou_head_depth=3,
+                                   iou_head_hidden_dim=256,
+                                   transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8))
+    sam.eval()
+    assert supports(sam.mask_decoder)
+    embedding = torch.randn(1, 256, 64, 64)
+    prompts = dict(points=(torch.tensor([[[300.0, 400], [700, 650]]] * 2), torch.tensor([[1, 0], [1, 1]])),
+                   boxes=torch.tensor([[100.0, 120, 600, 700], [400, 300, 900, 1000]]), masks=None)
+    for multimask in (False, True):
+        (stock, stock_iou), (masks, iou) = stock_and_fast(sam, embedding, prompts, multimask)
+        torch.testing.assert_close(masks, stock, atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(iou, stock_iou, atol=1e-5, rtol=1e-5)
