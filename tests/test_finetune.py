@@ -34,6 +34,14 @@ def data(ct):
                                class_names=ct.class_names, validation_slices=[14])
 
 
+def engine_validation_scores(model, ct, data, modes):
+    """The validation slice (14) scored through the engine's predictor, with the adapter loaded on ``model``."""
+    predictor = VolumePredictor(model, ct.image)
+    scores = score_slices(model.sam, model.preprocessing, [predictor.embedding(14)], [data.validation[0].labels],
+                          data.class_ids, modes, head=model.class_head)
+    return predictor, scores
+
+
 def tiny_settings(**overrides) -> TrainSettings:
     values = dict(scope="decoder", prompt_mode="mixed", views_per_slice=1, decoder_epochs=2, epochs=1, batch_size=2,
                   time_budget_s=None, patience=100, max_objects_per_slice=1)
@@ -104,10 +112,7 @@ def test_train_adapter_saves_a_working_adapter_and_leaves_the_model_alone(model,
     # The validation Dice stored is what the engine path reproduces with the loaded adapter.
     info = load_adapter(model, result.adapter_dir)
     try:
-        predictor = VolumePredictor(model, ct.image)
-        embedding = predictor.embedding(14)
-        scores = score_slices(model.sam, model.preprocessing, [embedding], [data.validation[0].labels],
-                              data.class_ids, ("box", "none"), head=model.class_head)
+        _, scores = engine_validation_scores(model, ct, data, ("box", "none"))
         assert scores == pytest.approx(info.val_dice_after, abs=1e-6)
     finally:
         unload_adapter(model)
@@ -124,10 +129,8 @@ def test_lora_run_tunes_the_encoder_and_the_engine_reproduces_its_validation(mod
     try:
         assert info.scope == "lora" and model.encoder_adapted and model.class_ids == (1, 5)
         # The engine re-encodes with the adapted encoder (own cache key) and gets the stored validation Dice.
-        predictor = VolumePredictor(model, ct.image)
+        predictor, scores = engine_validation_scores(model, ct, data, ("none",))
         assert predictor.cache_key.adapter_id == info.adapter_id
-        scores = score_slices(model.sam, model.preprocessing, [predictor.embedding(14)], [data.validation[0].labels],
-                              data.class_ids, ("none",), head=model.class_head)
         assert scores["none"] == pytest.approx(info.val_dice_after["none"], abs=1e-6)
     finally:
         unload_adapter(model)
@@ -163,9 +166,7 @@ def test_cancel_mid_epoch_keeps_the_best_adapter_so_far(model, data, ct, tmp_pat
     assert result.val_dice_after["none"] == pytest.approx(max(validations))
     info = load_adapter(model, result.adapter_dir)
     try:
-        predictor = VolumePredictor(model, ct.image)
-        scores = score_slices(model.sam, model.preprocessing, [predictor.embedding(14)], [data.validation[0].labels],
-                              data.class_ids, ("none",), head=model.class_head)
+        _, scores = engine_validation_scores(model, ct, data, ("none",))
         assert scores["none"] == pytest.approx(info.val_dice_after["none"], abs=1e-6)
     finally:
         unload_adapter(model)

@@ -75,7 +75,7 @@ class SegmentControls:
         return self.adapter_picker.chosen
 
 
-def _row(*widgets: QWidget) -> QWidget:
+def widget_row(*widgets: QWidget) -> QWidget:
     holder = QWidget()
     layout = QHBoxLayout(holder)
     layout.setContentsMargins(0, 0, 0, 0)
@@ -155,19 +155,19 @@ def build_controls(widget: QWidget, viewer) -> SegmentControls:
     form = QFormLayout(model_group)
     form.addRow("image", controls.image_combo)
     form.addRow("model", controls.model_combo)
-    form.addRow("checkpoint", _row(controls.checkpoint_edit, controls.checkpoint_button))
+    form.addRow("checkpoint", widget_row(controls.checkpoint_edit, controls.checkpoint_button))
     form.addRow("device", controls.device_combo)
     form.addRow("window", controls.window_combo)
-    form.addRow("adapter", _row(controls.adapter_combo, controls.adapter_button))
+    form.addRow("adapter", widget_row(controls.adapter_combo, controls.adapter_button))
     form.addRow(controls.encode_button)
 
     prompt_group = QGroupBox("Interactive")
     form = QFormLayout(prompt_group)
     form.addRow("labels layer", controls.labels_combo)
-    form.addRow("label id", _row(controls.label_spin, controls.negative_check))
+    form.addRow("label id", widget_row(controls.label_spin, controls.negative_check))
     form.addRow(controls.overwrite_check)
-    form.addRow(_row(controls.segment_button, controls.commit_button))
-    form.addRow(_row(controls.propagate_button, controls.clear_button))
+    form.addRow(widget_row(controls.segment_button, controls.commit_button))
+    form.addRow(widget_row(controls.propagate_button, controls.clear_button))
     form.addRow("stop IoU", controls.stop_iou_spin)
     form.addRow("range ±", controls.range_spin)
     keys = QLabel("<br>".join(f"<b>{key}</b>: {what}" for key, what in KEYS))
@@ -177,11 +177,11 @@ def build_controls(widget: QWidget, viewer) -> SegmentControls:
     auto_group = QGroupBox("Automatic (new labels layer)")
     auto_layout = QFormLayout(auto_group)
     auto_layout.addRow("grid points / side", controls.grid_spin)
-    auto_layout.addRow(_row(controls.auto_slice_button, controls.auto_volume_button))
+    auto_layout.addRow(widget_row(controls.auto_slice_button, controls.auto_volume_button))
 
     progress_group = QGroupBox("Progress")
     progress_layout = QVBoxLayout(progress_group)
-    progress_layout.addWidget(_row(controls.progress_bar, controls.cancel_button))
+    progress_layout.addWidget(widget_row(controls.progress_bar, controls.cancel_button))
     progress_layout.addWidget(controls.task_label)
     progress_layout.addWidget(controls.status_label)
 

@@ -17,13 +17,14 @@ from napari.layers import Image, Labels
 from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QObject, Qt, Signal
-from qtpy.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QLineEdit, QListWidget,
+from qtpy.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QLabel, QLineEdit, QListWidget,
                             QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget)
 
 from ..finetune.adapters import AdapterError, check_output_folder
 from ..finetune.data import FinetuneDataError, VolumeAnnotations, annotated_slices, build_training_data, parse_slice_list
 from ..finetune.scopes import SCOPES
 from ..finetune.train import PROMPT_MODES, TrainingResult, TrainSettings, train_adapter
+from ._controls import widget_row
 from ._layer_combo import LayerComboBox
 from .finetune_corrections import CorrectionTracker
 from .finetune_plot import TrainingPlot
@@ -144,7 +145,7 @@ class FinetuneWidget(QWidget):
         form = QFormLayout()
         form.addRow("image", self.image_combo)
         form.addRow("labels", self.labels_combo)
-        form.addRow(_row(add_pair, remove_pair))
+        form.addRow(widget_row(add_pair, remove_pair))
         form.addRow(self.pairs_list)
         form.addRow("slices", self.slices_edit)
         form.addRow("validation", self.validation_edit)
@@ -152,15 +153,15 @@ class FinetuneWidget(QWidget):
         form.addRow("prompt mode", self.prompt_combo)
         form.addRow("epochs", self.epochs_spin)
         form.addRow("time budget", self.budget_spin)
-        form.addRow("output", _row(self.output_edit, browse))
+        form.addRow("output", widget_row(self.output_edit, browse))
         layout = QVBoxLayout(self)
         layout.addLayout(form)
-        layout.addWidget(_row(self.train_button, self.cancel_button))
+        layout.addWidget(widget_row(self.train_button, self.cancel_button))
         layout.addWidget(self.progress_bar)
         layout.addWidget(self.status_label)
         layout.addWidget(self.plot)
         layout.addWidget(self.result_label)
-        layout.addWidget(_row(self.use_button, self.corrections_button))
+        layout.addWidget(widget_row(self.use_button, self.corrections_button))
         self._set_running(False)
 
     def _browse_output(self) -> None:
@@ -368,12 +369,3 @@ class FinetuneWidget(QWidget):
                   if previous else None)
         return self.start_training(slices_per_pair=slices, output=output,
                                    validation_per_pair=validation if all(validation) else None)
-
-
-def _row(*widgets) -> QWidget:
-    row = QWidget()
-    layout = QHBoxLayout(row)
-    layout.setContentsMargins(0, 0, 0, 0)
-    for widget in widgets:
-        layout.addWidget(widget)
-    return row

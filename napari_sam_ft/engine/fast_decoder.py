@@ -44,7 +44,8 @@ def supports(mask_decoder: nn.Module) -> bool:
     """Whether ``mask_decoder`` has the layout of segment-anything's MaskDecoder + TwoWayTransformer."""
     transformer = getattr(mask_decoder, "transformer", None)
     upscaling = getattr(mask_decoder, "output_upscaling", None)
-    if transformer is None or upscaling is None or not hasattr(transformer, "final_attn_token_to_image"):
+    if (transformer is None or upscaling is None or not hasattr(transformer, "final_attn_token_to_image")
+            or len(transformer.layers) == 0):
         return False
     if len(upscaling) != 5 or type(upscaling[1]).__name__ != "LayerNorm2d":
         return False
@@ -238,15 +239,13 @@ class FastMaskDecoder:
 
     @staticmethod
     def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-        """Attention of (Bq, Nq, C) queries over (Bk, Nk, C) keys/values, where Bk is Bq or 1 (shared)."""
+        """Attention of (B, Nq, C) queries over (Bk, Nk, C) keys/values, where Bk is B or 1 (shared)."""
         batch, queries, channels = q.shape
         if k.shape[0] == 1 and batch > 1:
             # Every query row attends independently: fold the prompts into one long query sequence.
             out = F.scaled_dot_product_attention(_split_heads(q.reshape(1, batch * queries, channels), heads),
                                                  _split_heads(k, heads), _split_heads(v, heads))
             return _merge_heads(out).reshape(batch, queries, channels)
-        if q.shape[0] == 1 and k.shape[0] > 1:
-            q = q.expand(k.shape[0], -1, -1)
         return _merge_heads(F.scaled_dot_product_attention(_split_heads(q, heads), _split_heads(k, heads),
                                                            _split_heads(v, heads)))
 
@@ -386,8 +385,7 @@ class FastMaskDecoder:
         if weights.iou_sigmoid:
             iou = torch.sigmoid(iou)
         iou = iou[:, mask_indices.start:mask_indices.stop].float()
-        if keys.shape[0] == 1 and batch > 1:
-            keys = keys.expand(batch, -1, -1)
+        # keys are per prompt here: the first image-to-token attention gave each prompt its own.
         if min_score is None:
             return self._upscale_masks(weights, keys, hyper_in).float(), iou
         kept = torch.nonzero(iou.amax(dim=1) >= min_score).flatten()

@@ -272,15 +272,8 @@ class VolumePredictor:
         height, width = self.slice_shape
         preprocessing = self.model.preprocessing
         embedding = self.embedding(slice_index)
-        point_prompt = None
-        if points_xy is not None:
-            coords = torch.from_numpy(preprocessing.coords_to_model(points_xy, height, width)).to(device)
-            labels = torch.as_tensor(point_labels, dtype=torch.int64, device=device)
-            point_prompt = (coords, labels)
-        box_prompt = None
-        if boxes_xyxy is not None:
-            corners = preprocessing.coords_to_model(np.asarray(boxes_xyxy, np.float32).reshape(-1, 2, 2), height, width)
-            box_prompt = torch.from_numpy(corners.reshape(-1, 4)).to(device)
+        point_prompt, box_prompt = preprocessing.prompt_tensors(height, width, device, points_xy, point_labels,
+                                                                boxes_xyxy)
         if mask_inputs is not None:
             mask_inputs = mask_inputs.to(device, torch.float32)
         if self.fast_decoder is not None and not sam.mask_decoder.training:

@@ -29,14 +29,8 @@ def decode_prompts(sam: nn.Module, preprocessing: Preprocessing, embedding: torc
                    point_labels: np.ndarray | None = None) -> torch.Tensor:
     """N objects on one slice: (1, 256, 64, 64) embedding plus (N, 4) boxes and/or (N, P, 2) points with
     (N, P) labels (-1 pads a shorter list) -> (N, 1, H, W) slice-grid logits (single-mask output)."""
-    device = embedding.device
-    point_prompt = box_prompt = None
-    if points_xy is not None:
-        coords = torch.from_numpy(preprocessing.coords_to_model(points_xy, height, width)).to(device)
-        point_prompt = (coords, torch.as_tensor(point_labels, dtype=torch.int64, device=device))
-    if boxes_xyxy is not None:
-        corners = preprocessing.coords_to_model(np.asarray(boxes_xyxy, np.float32).reshape(-1, 2, 2), height, width)
-        box_prompt = torch.from_numpy(corners.reshape(-1, 4)).to(device)
+    point_prompt, box_prompt = preprocessing.prompt_tensors(height, width, embedding.device, points_xy,
+                                                            point_labels, boxes_xyxy)
     sparse, dense = sam.prompt_encoder(points=point_prompt, boxes=box_prompt, masks=None)
     low_res, _ = sam.mask_decoder(image_embeddings=embedding, image_pe=sam.prompt_encoder.get_dense_pe(),
                                   sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,

@@ -289,13 +289,11 @@ class _Trainer:
             if embeddings is None:
                 with torch.no_grad():
                     embeddings = [self.encode([example.image_01]) for example in self.data.validation]
-            return self._score(embeddings)
+            return score_slices(self.sam, self.preprocessing, embeddings,
+                                [example.labels for example in self.data.validation], self.data.class_ids,
+                                self.settings.validation_modes, head=self.head)
         finally:
             self.last_validation_s = time.perf_counter() - started
-
-    def _score(self, embeddings: list[torch.Tensor]) -> dict[str, float]:
-        return score_slices(self.sam, self.preprocessing, embeddings, [example.labels for example in self.data.validation],
-                            self.data.class_ids, self.settings.validation_modes, head=self.head)
 
     def keep_if_best(self, scores: dict[str, float]) -> bool:
         score = float(np.nanmean(list(scores.values())))

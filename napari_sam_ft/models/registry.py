@@ -66,6 +66,19 @@ class Preprocessing:
         coords[..., 1] = coords[..., 1] * (new_height / height)
         return coords
 
+    def prompt_tensors(self, height: int, width: int, device: torch.device, points_xy: np.ndarray | None = None,
+                       point_labels: np.ndarray | None = None, boxes_xyxy: np.ndarray | None = None):
+        """Pixel prompts of a (H, W) slice -> the prompt encoder's ``points`` ((B, N, 2) coords, (B, N) int64
+        labels) and ``boxes`` ((B, 4)) in model-input coordinates, each None when not given."""
+        point_prompt = box_prompt = None
+        if points_xy is not None:
+            coords = torch.from_numpy(self.coords_to_model(points_xy, height, width)).to(device)
+            point_prompt = (coords, torch.as_tensor(point_labels, dtype=torch.int64, device=device))
+        if boxes_xyxy is not None:
+            corners = self.coords_to_model(np.asarray(boxes_xyxy, np.float32).reshape(-1, 2, 2), height, width)
+            box_prompt = torch.from_numpy(corners.reshape(-1, 4)).to(device)
+        return point_prompt, box_prompt
+
     def logits_to_slice(self, low_res_logits: torch.Tensor, height: int, width: int,
                         output_shape: tuple[int, int] | None = None) -> torch.Tensor:
         """(B, C, h, w) decoder logits -> (B, C, H, W) logits on the (H, W) slice grid, pad cropped away.
