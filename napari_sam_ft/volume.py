@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .io.errors import VolumeError
+
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 TIFF_SUFFIXES = (".tif", ".tiff")
 NPY_SUFFIXES = (".npy",)
@@ -28,10 +30,6 @@ CT_WINDOW_PRESETS: dict[str, tuple[float, float]] = {
 }
 WINDOW_CHOICES = ("auto", *CT_WINDOW_PRESETS, "percentile", "minmax")
 MRI_PERCENTILES = (0.5, 99.5)
-
-
-class VolumeError(ValueError):
-    """A file that cannot be used as a 3D volume; the message names the file and the problem."""
 
 
 @dataclass
