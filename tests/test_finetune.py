@@ -8,7 +8,7 @@ import torch
 
 from napari_sam_ft.finetune import TrainSettings, VolumeAnnotations, build_training_data, train_adapter
 from napari_sam_ft.finetune.adapters import METADATA_FILE, load_adapter, unload_adapter
-from napari_sam_ft.finetune.evaluate import score_slices
+from napari_sam_ft.finetune.validation import score_slices
 from napari_sam_ft.finetune.heads import ClassHead
 from napari_sam_ft.finetune.scopes import LoraSettings, expected_lora_count, prepare_scope
 from napari_sam_ft.engine.predictor import VolumePredictor

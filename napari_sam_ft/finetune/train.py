@@ -34,7 +34,7 @@ from ..models.registry import LoadedModel
 from .adapters import adapter_size_bytes, base_network_copy, check_output_folder, save_adapter
 from .augment import AugmentSettings, augment_pair, jittered_box, sampled_points
 from .data import AnnotatedSlice, TrainingData
-from .evaluate import MODE_VALIDATION, class_logits, decode_prompts, objects_on_slice, pad_points, score_slices
+from .validation import MODE_VALIDATION, class_logits, decode_prompts, objects_on_slice, pad_points, score_slices
 from .heads import ClassHead
 from .losses import binary_dice_ce, multiclass_dice_ce
 from .scopes import SCOPES, LoraSettings, TrainableModel, prepare_scope
