@@ -10,10 +10,6 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-# Imported here, in the GUI thread: segment_anything pulls in torchvision's compiled ops, and importing
-# those for the first time from a worker thread crashes the interpreter.
-import segment_anything  # noqa: F401
-
 from ..devices import select_device
 from ..engine.cache import EmbeddingCache, default_cache_dir
 from ..engine.predictor import VolumePredictor

@@ -1,0 +1,65 @@
+"""The plugin as a user opens it: a fresh napari process, every widget docked from the Plugins menu, a scan opened
+with the plugin's reader, a box drawn, a click added (``user_flow.py``). Each run is a subprocess, so a crash
+(the triton/OpenGL segmentation fault, an abort in a Qt slot) fails the test with its stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from napari_sam_ft.sample import sample_paths
+
+from .helpers import LIVER, SLICE
+
+pytestmark = pytest.mark.gui
+FLOW = Path(__file__).with_name("user_flow.py")
+CASES = Path(__file__).resolve().parents[3] / "shared" / "cases"
+FLOW_TIMEOUT_S = 600
+MIN_BOX_DICE = 0.85
+
+
+def run_user_flow(image: Path, labels: Path, label_id: int, slice_index: int | None, tmp_path: Path) -> dict:
+    """Run ``user_flow.py`` in a fresh interpreter (same display); its JSON report, or a failure with stderr."""
+    for path in (image, labels):
+        assert path.is_file(), f"missing test data {path} (the cases live in ../shared/cases beside the clone)"
+    environment = dict(os.environ, NAPARI_SAM_FT_CACHE=str(tmp_path / "cache"),
+                       NAPARI_SAM_FT_AUTOSAVE=str(tmp_path / "autosave"))
+    command = [sys.executable, str(FLOW), str(image), str(labels), str(label_id)]
+    if slice_index is not None:
+        command.append(str(slice_index))
+    try:
+        finished = subprocess.run(command, capture_output=True, text=True, timeout=FLOW_TIMEOUT_S, env=environment)
+    except subprocess.TimeoutExpired as error:
+        pytest.fail(f"the user flow hung for {FLOW_TIMEOUT_S} s; stderr:\n{error.stderr}")
+    if finished.returncode != 0:
+        pytest.fail(f"the user flow ended with exit code {finished.returncode} (negative: killed by that signal); "
+                    f"stderr:\n{finished.stderr[-6000:]}")
+    report = json.loads(finished.stdout.strip().splitlines()[-1])
+    print(f"user flow on {image.name}: {report}")  # the click-to-preview time, for the record (not asserted)
+    return report
+
+
+def check_report(report: dict) -> None:
+    assert report["docked"] == sorted(["Segment (SAM fine-tune for 3D CT and MRI)",
+                                       "Fine-tune (SAM fine-tune for 3D CT and MRI)",
+                                       "Session (SAM fine-tune for 3D CT and MRI)"])
+    assert report["box_dice"] >= MIN_BOX_DICE
+    assert report["click_dice"] >= MIN_BOX_DICE - 0.05  # a click inside the object keeps it
+    assert report["click_to_preview_ms"] > 0
+    assert not report["triton_imported"], "triton was imported after the OpenGL context: that crashes napari"
+
+
+def test_sample_ct_from_the_plugin_menu_in_a_fresh_process(tmp_path):
+    image, labels = sample_paths("ct")
+    check_report(run_user_flow(image, labels, LIVER, SLICE, tmp_path))
+
+
+def test_lung1_nrrd_from_the_plugin_menu_in_a_fresh_process(tmp_path):
+    check_report(run_user_flow(CASES / "pyradiomics_lung1_ct.nrrd", CASES / "pyradiomics_lung1_label.nrrd", 1, None,
+                               tmp_path))
