@@ -81,14 +81,15 @@ def write_ct_series(folder: Path, hounsfield_ijk: np.ndarray, affine_ras: np.nda
             "frame_of_reference_uid": frame_of_reference_uid}
 
 
-def ct_crop(ct_sample, size=(64, 64, 8)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A (i, j, k) crop of the bundled sample CT (HU), its RAS affine and its labels, from nibabel directly."""
+SAMPLE_CT = Path(__file__).resolve().parents[1] / "napari_sam_ft" / "data" / "example_ct_sm.nii.gz"
+SAMPLE_CT_LABELS = SAMPLE_CT.with_name("example_seg.nii.gz")
+
+
+def ct_crop(size=(64, 64, 8)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A (i, j, k) crop of the bundled sample CT (HU), its RAS affine and its labels, read with nibabel."""
     import nibabel as nib
 
-    from napari_sam_ft.sample import sample_paths
-
-    image_path, labels_path = sample_paths("ct")
-    image, labels = nib.load(str(image_path)), nib.load(str(labels_path))
+    image, labels = nib.load(str(SAMPLE_CT)), nib.load(str(SAMPLE_CT_LABELS))
     data = np.asarray(image.dataobj)
     label_data = np.asarray(labels.dataobj)
     # Centre the crop on the labelled organs so the crop has structures in it.

@@ -33,8 +33,8 @@ def oblique(affine_ras, degrees: float = 20.0):
 
 
 @pytest.fixture(scope="module")
-def crop(ct_sample):
-    return ct_crop(ct_sample)
+def crop():
+    return ct_crop()
 
 
 def sitk_series(folder, series_uid):
