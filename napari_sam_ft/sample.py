@@ -41,6 +41,14 @@ def class_names(name: str = "ct") -> dict[int, str]:
     return {int(label): class_name for label, class_name in table[SAMPLES[name][1]].items()}
 
 
+def class_names_for(labels_path) -> dict[int, str] | None:
+    """Class names for the bundled sample's label files (other files are scored by label id)."""
+    for name, (_, labels_file) in SAMPLES.items():
+        if Path(labels_path).name == labels_file:
+            return class_names(name)
+    return None
+
+
 def load_sample(name: str = "ct") -> Sample:
     image_path, labels_path = sample_paths(name)
     image = read_volume(image_path)

@@ -149,6 +149,7 @@ def run_auto(args) -> int:
 
 def run_evaluate(args) -> int:
     from ..evaluate import evaluate, parse_slice_range
+    from ..sample import class_names_for
     from ..volume import read_labels, write_volume
 
     volume, predictor = open_predictor(args)
@@ -157,23 +158,13 @@ def run_evaluate(args) -> int:
     class_ids = [int(value) for value in args.classes.split(",")] if args.classes else None
     with progress_bar(f"evaluating ({args.prompt})", slice_range[1] - slice_range[0] + 1) as update:
         report, prediction = evaluate(predictor, reference.array, args.prompt, slice_range, class_ids,
-                                      class_names=_class_names_for(args.labels), progress=update)
+                                      class_names=class_names_for(args.labels), progress=update)
     if args.output:
         write_volume(args.output, prediction.astype("uint16"), like=volume)
     print_report(report)
     if args.json:
         print(json.dumps(report))
     return 0
-
-
-def _class_names_for(labels_path) -> dict[int, str] | None:
-    """Class names for the bundled sample's label files (other files are scored by label id)."""
-    from ..sample import SAMPLES, class_names
-
-    for name, (_, labels_file) in SAMPLES.items():
-        if Path(labels_path).name == labels_file:
-            return class_names(name)
-    return None
 
 
 def print_report(report: dict) -> None:
