@@ -102,10 +102,12 @@ def test_unreadable_and_unknown_files(tmp_path):
         read_volume(tmp_path / "missing.nii.gz")
 
 
-def test_labels_of_another_shape_are_refused(ct_sample, tmp_path):
+def test_labels_on_another_grid_are_refused_naming_both_geometries(ct_sample, tmp_path):
     path = _nifti(tmp_path / "labels.nii.gz", np.ones((5, 5, 5), np.uint8))
-    with pytest.raises(VolumeError, match="labels have shape"):
+    with pytest.raises(VolumeError, match="do not lie on the image's voxel grid") as refused:
         read_labels(path, like=ct_sample.image)
+    message = str(refused.value)
+    assert "shape (5, 5, 5), spacing (1, 1, 1) mm" in message and "shape (122, 101, 30), spacing (3, 3, 3) mm" in message
 
 
 def test_ct_is_recognised_and_gets_the_soft_tissue_window(ct_sample):

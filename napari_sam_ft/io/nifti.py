@@ -1,4 +1,5 @@
-"""NIfTI (.nii, .nii.gz) through nibabel: voxels in the file's (i, j, k) order and its RAS+ affine."""
+"""NIfTI (.nii, .nii.gz) and FreeSurfer MGH/MGZ through nibabel: voxels in the file's (i, j, k) order and its
+RAS+ affine (both formats store RAS+ natively)."""
 
 from __future__ import annotations
 
@@ -9,20 +10,37 @@ import numpy as np
 from .errors import VolumeError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+MGZ_SUFFIXES = (".mgz", ".mgh")
+# MGH stores only these voxel types; a mask of another integer type is written as int32.
+MGH_DTYPES = (np.uint8, np.int16, np.int32, np.float32)
 
 
-def read_nifti(path: Path):
+def read_nibabel(path: Path):
     """(data, affine, header): data in (i, j, k[, t]) order, memory-mapped when uncompressed and unscaled."""
     import nibabel as nib
 
     image = nib.load(str(path))
     _check_declared_size(path, image.header)
+    cached = _decompressed_copy(path, image.header)
+    if cached is not None:
+        image = nib.load(str(cached))  # the same bytes uncompressed: memory-mapped below
     proxy = image.dataobj
     slope, inter = float(getattr(proxy, "slope", 1.0)), float(getattr(proxy, "inter", 0.0))
     if (slope, inter) == (1.0, 0.0) or not hasattr(proxy, "get_unscaled"):
         # asanyarray keeps an uncompressed file memory-mapped instead of loading it whole.
         return np.asanyarray(proxy), image.affine, image.header
     return _scaled(proxy.get_unscaled(), slope, inter), image.affine, image.header
+
+
+def _decompressed_copy(path: Path, header) -> Path | None:
+    """A large .nii.gz's (or .mgz's) uncompressed copy in the cache, so it is memory-mapped, not read whole."""
+    from . import decompressed
+
+    declared = int(np.prod(header.get_data_shape(), dtype=object)) * header.get_data_dtype().itemsize
+    if declared < decompressed.DECOMPRESS_TO_CACHE_BYTES or not decompressed.is_gzip(path):
+        return None
+    uncompressed_suffix = ".mgh" if path.name.lower().endswith(".mgz") else ".nii"
+    return decompressed.decompressed_copy(path, uncompressed_suffix)
 
 
 # Deflate expands at most ~1032:1, so a .nii.gz cannot hold more voxel bytes than this many times its size.
@@ -34,7 +52,7 @@ def _check_declared_size(path: Path, header) -> None:
     before anything tries to allocate or decompress that much."""
     shape = tuple(int(size) for size in header.get_data_shape())
     declared = int(np.prod(shape, dtype=object)) * header.get_data_dtype().itemsize
-    expansion = MAX_GZIP_EXPANSION if path.name.lower().endswith(".gz") else 1
+    expansion = MAX_GZIP_EXPANSION if path.name.lower().endswith((".gz", ".mgz")) else 1
     available = path.stat().st_size * expansion
     if declared > available:
         raise VolumeError(f"{path}: the header declares {shape} voxels of {header.get_data_dtype()} "
@@ -87,3 +105,12 @@ def write_nifti(path: Path, data_ijk: np.ndarray, affine: np.ndarray, header=Non
     if np.issubdtype(data_ijk.dtype, np.integer):
         image.header.set_slope_inter(1, 0)
     nib.save(image, str(path))
+
+
+def write_mgz(path: Path, data_ijk: np.ndarray, affine: np.ndarray) -> None:
+    import nibabel as nib
+
+    data = np.asarray(data_ijk)
+    if data.dtype not in MGH_DTYPES:
+        data = data.astype(np.int32 if np.issubdtype(data.dtype, np.integer) or data.dtype == bool else np.float32)
+    nib.save(nib.MGHImage(data, np.asarray(affine, dtype=float)), str(path))

@@ -1,37 +1,49 @@
 """The ``Volume`` value and the one way in and out: ``read_volume``, ``read_labels``, ``read_channels`` and
 ``write_volume`` dispatch on the file type to one module per format family.
 
-A file becomes a ``Volume`` whose ``array`` is (Z, Y, X) with Z the slicing axis; masks are written back in the
-file's own voxel order and affine so they overlay the input in any viewer (ITK-SNAP, 3D Slicer, napari).
+Every format module follows one contract: its reader returns the voxels in the file's own axis order
+(i, j, k[, c]), a 4x4 voxel-to-world affine in RAS+ mm, and the file's metadata. ``geometry.display_order`` then
+makes the (Z, Y, X) view napari and the model see (radiological for every format with world geometry), and a
+``Volume`` carries both: ``array`` as displayed, and ``affine``/``file_axes``/``flips`` to put a mask back on the
+file's own voxels. ``Volume.world_affine`` is the one voxel-to-world mapping of what is displayed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from .atomic import atomic_write
 from .errors import VolumeError
-from .geometry import display_order
-from .nifti import NIFTI_SUFFIXES, read_nifti, write_nifti
+from .geometry import (align_to_grid, describe_geometry, display_order, displayed, grid_alignment,
+                       has_world_geometry, is_oblique, to_file_order, world_affine)
+from .metaimage import METAIMAGE_SUFFIXES, read_metaimage, write_metaimage
+from .nifti import MGZ_SUFFIXES, NIFTI_SUFFIXES, read_nibabel, write_mgz, write_nifti
+from .nrrd import NRRD_SUFFIXES, SEG_NRRD_SUFFIXES, read_nrrd, read_seg_nrrd, write_nrrd, write_seg_nrrd
 from .tiff_npy import NPY_SUFFIXES, TIFF_SUFFIXES, read_npy, read_tiff, write_npy, write_tiff
 
-SUPPORTED_SUFFIXES = NIFTI_SUFFIXES + TIFF_SUFFIXES + NPY_SUFFIXES
+DICOM_SUFFIXES = (".dcm",)
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class Volume:
-    """A 3D scan ready for slice-by-slice segmentation.
+    """A 3D scan (or a label map on a scan's grid) ready for slice-by-slice segmentation; an immutable value.
 
     ``array`` is (Z, Y, X): Z is the slicing axis. ``file_axes`` says which voxel axis of the file each
-    of Z, Y, X came from, so a mask can be put back in the file's order. ``affine`` is the file's
-    4x4 voxel-to-world matrix (in the file's voxel order); ``spacing`` is (z, y, x) in mm.
+    of Z, Y, X came from and ``flips`` which of them run backwards (the radiological view), so a mask can be put
+    back in the file's order. ``affine`` is the file's 4x4 voxel-to-world matrix (file voxel order, RAS+ mm);
+    ``world_affine`` is the same mapping for the displayed (Z, Y, X) array. ``spacing`` is (z, y, x) in mm.
 
     A multi-sequence volume from ``read_channels`` has a (Z, Y, X, C) array with C = 2 or 3 co-registered
     channels (``channel_names`` says where each came from); ``shape`` is still the spatial (Z, Y, X).
+    A label map read from a file that names its classes (a Slicer .seg.nrrd) has ``class_names`` (id -> name)
+    and ``class_colors`` (id -> (r, g, b) in 0..1). ``header`` is the format's own metadata (a nibabel header,
+    an NRRD header dict, a ``DicomSource``...). Use ``with_array`` or ``dataclasses.replace`` for a changed copy.
     """
 
     array: np.ndarray
@@ -44,11 +56,18 @@ class Volume:
     channel_names: tuple[str, ...] = ()
     # Display axes (Z, Y, X) that run backwards relative to the file, for the radiological view.
     flips: tuple[bool, bool, bool] = (False, False, False)
+    class_names: dict[int, str] = field(default_factory=dict)
+    class_colors: dict[int, tuple[float, float, float]] = field(default_factory=dict)
 
     @property
     def shape(self) -> tuple[int, int, int]:
         """The spatial (Z, Y, X) shape, also for a multi-channel volume."""
         return tuple(self.array.shape[:3])  # type: ignore[return-value]
+
+    @property
+    def file_shape(self) -> tuple[int, int, int]:
+        """The spatial shape in the file's (i, j, k) voxel order."""
+        return tuple(self.shape[axis] for axis in np.argsort(self.file_axes))  # type: ignore[return-value]
 
     @property
     def num_channels(self) -> int:
@@ -64,23 +83,30 @@ class Volume:
             return "volume"
         return strip_suffix(self.source_path.name)
 
+    @property
+    def world_affine(self) -> np.ndarray:
+        """4x4 matrix: displayed index (z, y, x, 1) -> RAS+ world mm (x, y, z, 1), oblique or not."""
+        return world_affine(self.affine, self.shape, self.file_axes, self.flips)
+
+    @property
+    def is_oblique(self) -> bool:
+        """Whether the voxel axes are tilted from the patient axes (kept exactly; napari's scale/translate can't)."""
+        return is_oblique(self.affine)
+
+    def describe_geometry(self) -> str:
+        """The file grid in one line (shape, spacing, origin, axis codes), for messages."""
+        return describe_geometry(self.affine, self.file_shape)
+
     def to_file_order(self, array_zyx: np.ndarray) -> np.ndarray:
         """Put a (Z, Y, X) array (e.g. a mask) back into the file's voxel order."""
-        flipped_axes = tuple(axis for axis, flipped in enumerate(self.flips) if flipped)
-        unflipped = np.flip(array_zyx, flipped_axes) if flipped_axes else array_zyx
-        return np.transpose(unflipped, np.argsort(self.file_axes))
+        return to_file_order(array_zyx, self.file_axes, self.flips)
 
     def napari_scale_translate(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """Scale and translate for napari layers, so that layers of one scan overlay in world units."""
         scale = tuple(float(s) for s in self.spacing)
         # World position of the displayed array's first voxel, along each displayed axis.
-        first_voxel = np.zeros(4)
-        first_voxel[3] = 1.0
-        for display_axis, file_axis in enumerate(self.file_axes):
-            if self.flips[display_axis]:
-                first_voxel[file_axis] = self.shape[display_axis] - 1
-        world = self.affine @ first_voxel
-        translate = tuple(float(world[axis]) for axis in self.file_axes)
+        first_voxel = self.world_affine[:, 3]
+        translate = tuple(float(first_voxel[axis]) for axis in self.file_axes)
         return scale, translate
 
     def with_array(self, array_zyx: np.ndarray) -> "Volume":
@@ -88,60 +114,149 @@ class Volume:
         if tuple(array_zyx.shape[:3]) != self.shape or array_zyx.ndim not in (3, 4):
             raise VolumeError(f"array shape {array_zyx.shape} does not match volume shape {self.shape}")
         names = self.channel_names if array_zyx.ndim == 4 else ()
-        return Volume(array_zyx, self.spacing, self.affine, self.file_axes, self.source_path,
-                      self.file_format, self.header, names, self.flips)
+        return dataclasses.replace(self, array=array_zyx, channel_names=names)
+
+
+@dataclass(frozen=True)
+class FileFormat:
+    """One format family: its suffixes and its reader/writer following the ``io`` contract.
+
+    ``read(path)`` returns (data (i, j, k[, c]), affine RAS+ mm, metadata); ``write(path, data (i, j, k), like,
+    class_names, class_colors)`` writes a mask in ``like``'s geometry (None: the format is read-only).
+    """
+
+    name: str
+    suffixes: tuple[str, ...]
+    read: Callable
+    write: Callable | None = None
+
+
+def _read_dicom(path: Path, series_uid: str | None = None):
+    from . import dicom  # pydicom is imported only when a DICOM series is opened
+
+    return dicom.read_dicom(path, series_uid=series_uid)
+
+
+def _write_dicom_seg(path: Path, labels_zyx: np.ndarray, like: "Volume", class_names, class_colors) -> None:
+    from . import dicom_seg  # highdicom is imported only when a DICOM SEG is written
+
+    dicom_seg.write_dicom_seg(path, labels_zyx, like, class_names)
+
+
+def _write_nifti(path, data_ijk, like, class_names, class_colors) -> None:
+    write_nifti(path, data_ijk, like.affine, like.header if like.file_format == "nifti" else None)
+
+
+def _write_mgz(path, data_ijk, like, class_names, class_colors) -> None:
+    write_mgz(path, data_ijk, like.affine)
+
+
+def _write_nrrd(path, data_ijk, like, class_names, class_colors) -> None:
+    write_nrrd(path, data_ijk, like.affine)
+
+
+def _write_seg_nrrd(path, data_ijk, like, class_names, class_colors) -> None:
+    write_seg_nrrd(path, data_ijk, like.affine, class_names, class_colors)
+
+
+def _write_metaimage(path, data_ijk, like, class_names, class_colors) -> None:
+    write_metaimage(path, data_ijk, like.affine)
+
+
+def _write_tiff(path, data_ijk, like, class_names, class_colors) -> None:
+    write_tiff(path, data_ijk, np.sqrt((like.affine[:3, :3] ** 2).sum(axis=0)))
+
+
+def _write_npy(path, data_ijk, like, class_names, class_colors) -> None:
+    write_npy(path, data_ijk)
+
+
+FORMATS: dict[str, FileFormat] = {fmt.name: fmt for fmt in (
+    FileFormat("nifti", NIFTI_SUFFIXES, read_nibabel, _write_nifti),
+    FileFormat("mgz", MGZ_SUFFIXES, read_nibabel, _write_mgz),
+    FileFormat("seg_nrrd", SEG_NRRD_SUFFIXES, read_seg_nrrd, _write_seg_nrrd),
+    FileFormat("nrrd", NRRD_SUFFIXES, read_nrrd, _write_nrrd),
+    FileFormat("metaimage", METAIMAGE_SUFFIXES, read_metaimage, _write_metaimage),
+    FileFormat("dicom", DICOM_SUFFIXES, _read_dicom),  # a .dcm mask is a DICOM SEG, written by write_volume
+    FileFormat("tiff", TIFF_SUFFIXES, read_tiff, _write_tiff),
+    FileFormat("npy", NPY_SUFFIXES, read_npy, _write_npy),
+)}
+SUPPORTED_SUFFIXES = tuple(suffix for fmt in FORMATS.values() for suffix in fmt.suffixes)
+# Longest first, so ".seg.nrrd" is found before ".nrrd" and ".nii.gz" before ".gz".
+_SUFFIX_FORMATS = sorted(((suffix, fmt.name) for fmt in FORMATS.values() for suffix in fmt.suffixes),
+                         key=lambda item: -len(item[0]))
 
 
 def strip_suffix(filename: str) -> str:
-    for suffix in sorted(SUPPORTED_SUFFIXES, key=len, reverse=True):
+    for suffix, _ in _SUFFIX_FORMATS:
         if filename.lower().endswith(suffix):
             return filename[: -len(suffix)]
     return Path(filename).stem
 
 
 def file_format_of(path: str | os.PathLike) -> str:
+    """The format family of a path by its suffix; a folder (or a suffix-less DICOM file) is a DICOM series."""
     lower = str(path).lower()
-    if lower.endswith(NIFTI_SUFFIXES):
-        return "nifti"
-    if lower.endswith(TIFF_SUFFIXES):
-        return "tiff"
-    if lower.endswith(NPY_SUFFIXES):
-        return "npy"
-    raise VolumeError(f"{path}: unsupported file type; napari-sam-ft reads {', '.join(SUPPORTED_SUFFIXES)}")
+    for suffix, name in _SUFFIX_FORMATS:
+        if lower.endswith(suffix):
+            return name
+    if Path(path).is_dir() or _is_dicom_file(Path(path)):
+        return "dicom"
+    raise VolumeError(f"{path}: unsupported file type; napari-sam-ft reads {', '.join(SUPPORTED_SUFFIXES)} "
+                      "and DICOM folders")
+
+
+def _is_dicom_file(path: Path) -> bool:
+    try:
+        from .dicom import is_dicom_path
+    except ImportError:
+        return False
+    return path.is_file() and is_dicom_path(path)
 
 
 def read_volume(path: str | os.PathLike, *, slicing_axis: int | None = None, channel: int | None = None,
-                check_values: bool = True) -> Volume:
-    """Read a NIfTI, TIFF or .npy file into a ``Volume`` with (Z, Y, X) array.
+                check_values: bool = True, series_uid: str | None = None) -> Volume:
+    """Read a scan (NIfTI, MGZ, NRRD, MHA, DICOM series, TIFF or .npy) into a ``Volume`` with (Z, Y, X) array.
 
-    ``slicing_axis`` is the file voxel axis to slice along (NIfTI default: 2, the third voxel axis;
-    TIFF/npy default: 0, the first). ``channel`` picks one channel or time point of a 4D file.
-    Raises ``VolumeError`` naming the file and the problem for anything that is not a usable 3D scan.
+    ``slicing_axis`` is the file voxel axis to slice along (default: 2, the third voxel axis, for formats with
+    world geometry; 0, the first, for TIFF/npy). ``channel`` picks one channel or time point of a 4D file.
+    ``series_uid`` picks one series of a DICOM folder that holds several. Raises ``VolumeError`` naming the
+    file and the problem for anything that is not a usable 3D scan.
     """
     path = Path(path)
     file_format = file_format_of(path)
-    data, affine, header = _read_any(path, file_format)
-    data = _select_3d(data, path, channel)
+    data, affine, header = read_file(path, file_format, series_uid)
+    data = _select_3d(data, path, channel, file_format)
     array, affine, spacing, file_axes, flips = display_order(data, affine, slicing_axis, file_format, path)
     if check_values:
         check_intensities(array, path)
-    return Volume(array, spacing, affine, file_axes, path, file_format, header, flips=flips)
+    names, colors = _classes_of(header)
+    return Volume(array, spacing, affine, file_axes, path, file_format, header, (), flips, names, colors)
 
 
-def _read_any(path: Path, file_format: str):
-    """(data, affine, header) of a file, any parser failure turned into one ``VolumeError``."""
+def read_file(path: Path, file_format: str, series_uid: str | None = None):
+    """(data (i, j, k[, c]), affine RAS+, metadata) of a file, any parser failure turned into one ``VolumeError``."""
     if not path.exists():
         raise VolumeError(f"{path}: file not found")
+    if series_uid is not None and file_format != "dicom":
+        raise VolumeError(f"{path}: is not a DICOM series; a series UID only chooses among a DICOM folder's series")
     try:
-        if file_format == "nifti":
-            return read_nifti(path)
-        if file_format == "tiff":
-            return read_tiff(path)
-        return read_npy(path)
+        if file_format == "dicom":
+            return _read_dicom(path, series_uid)
+        return FORMATS[file_format].read(path)
     except VolumeError:
         raise
+    except ImportError as error:
+        raise VolumeError(f"{path}: reading {file_format} needs a module that is missing ({error})") from error
     except Exception as error:  # any parser failure is an unreadable file, said once, clearly
         raise VolumeError(f"{path}: cannot read this {file_format} file ({type(error).__name__}: {error})") from error
+
+
+def _classes_of(header) -> tuple[dict[int, str], dict[int, tuple[float, float, float]]]:
+    """Class names and colours a reader found in the file (a .seg.nrrd's segments), else none."""
+    if isinstance(header, dict):
+        return dict(header.get("class_names") or {}), dict(header.get("class_colors") or {})
+    return {}, {}
 
 
 def _channel_axis(data: np.ndarray) -> int:
@@ -156,11 +271,12 @@ def _check_voxel_type(data: np.ndarray, path: Path) -> None:
         raise VolumeError(f"{path}: is empty (shape {tuple(data.shape)})")
 
 
-def _select_3d(data: np.ndarray, path: Path, channel: int | None) -> np.ndarray:
+def _select_3d(data: np.ndarray, path: Path, channel: int | None, file_format: str = "npy") -> np.ndarray:
     if data.ndim == 4 and data.shape[-1] == 1 and channel is None:
         data = data[..., 0]
     if data.ndim == 4:
-        channel_axis = _channel_axis(data)
+        # Readers of formats with world geometry put channels last; a bare array may have them first.
+        channel_axis = 3 if has_world_geometry(file_format) else _channel_axis(data)
         count = data.shape[channel_axis]
         if channel is None:
             raise VolumeError(
@@ -186,16 +302,16 @@ def read_channels(source, channels=None, *, slicing_axis: int | None = None, che
     ``source`` is a 4D file (channels or time points on its last axis, e.g. a 4D NIfTI) or a list of 3D
     files of one grid (e.g. T1, T2 and FLAIR). ``channels`` picks which channels, in order, feed the
     model's red, green and blue inputs (default: all of them, at most three). One chosen channel gives
-    a plain single-channel (Z, Y, X) volume. A contiguous range of a memory-mapped 4D file stays mapped;
-    any other choice, and a list of files, is copied into memory in the files' own voxel type.
+    a plain single-channel (Z, Y, X) volume, in the same display order and geometry. A contiguous range of a
+    memory-mapped 4D file stays mapped; any other choice, and a list of files, is copied into memory in the
+    files' own voxel type.
     """
     if isinstance(source, (str, os.PathLike)):
         volume = _read_4d_channels(Path(source), channels, slicing_axis)
     else:
         volume = _stack_channel_files([Path(path) for path in source], channels, slicing_axis)
     if volume.array.ndim == 4 and volume.array.shape[-1] == 1:
-        volume = Volume(volume.array[..., 0], volume.spacing, volume.affine, volume.file_axes, volume.source_path,
-                        volume.file_format, volume.header)
+        volume = volume.with_array(volume.array[..., 0])  # keeps the flips: the same display as every channel
     if check_values:
         check_intensities(volume.array, volume.source_path)
     return volume
@@ -218,13 +334,13 @@ def _chosen_channels(channels, count: int, what: str) -> list[int]:
 
 def _read_4d_channels(path: Path, channels, slicing_axis: int | None) -> Volume:
     file_format = file_format_of(path)
-    data, affine, header = _read_any(path, file_format)
+    data, affine, header = read_file(path, file_format)
     if data.ndim == 3:
         data = data[..., None]
     if data.ndim != 4:
         raise VolumeError(f"{path}: has {data.ndim} dimensions (shape {tuple(data.shape)}); expected a 3D or 4D volume")
     _check_voxel_type(data, path)
-    channel_axis = 3 if file_format == "nifti" else _channel_axis(data)
+    channel_axis = 3 if has_world_geometry(file_format) else _channel_axis(data)
     data = np.moveaxis(data, channel_axis, -1)
     chosen = _chosen_channels(channels, data.shape[-1], str(path))
     if chosen == list(range(chosen[0], chosen[-1] + 1)):
@@ -246,16 +362,12 @@ def _stack_channel_files(paths: list[Path], channels, slicing_axis: int | None) 
         if volume.shape != first.shape:
             raise VolumeError(f"{volume.source_path}: shape {volume.shape} differs from {first.source_path}'s "
                               f"{first.shape}; channels must be co-registered on one grid")
-        if not np.allclose(volume.affine, first.affine, atol=1e-3):
+        if not np.allclose(volume.world_affine, first.world_affine, atol=1e-3):
             raise VolumeError(f"{volume.source_path}: its voxel-to-world geometry differs from {first.source_path}'s; "
-                              "channels must be co-registered on one grid (resample them first)")
-        if volume.file_axes != first.file_axes or volume.flips != first.flips:
-            raise VolumeError(f"{volume.source_path}: its voxel order differs from {first.source_path}'s; "
                               "channels must be co-registered on one grid (resample them first)")
     array = np.stack([np.asarray(volume.array) for volume in volumes], axis=-1)
     names = tuple(volume.source_path.name for volume in volumes)
-    return Volume(array, first.spacing, first.affine, first.file_axes, first.source_path, first.file_format,
-                  first.header, names, first.flips)
+    return dataclasses.replace(first, array=array, channel_names=names)
 
 
 def check_intensities(array: np.ndarray, path: Path | str | None = None) -> None:
@@ -288,39 +400,89 @@ def check_intensities(array: np.ndarray, path: Path | str | None = None) -> None
                               "there is nothing to segment")
 
 
-def read_labels(path: str | os.PathLike, like: Volume | None = None, *, slicing_axis: int | None = None) -> Volume:
-    """Read a label file with the same axis handling as ``read_volume`` (or as ``like``)."""
-    if like is not None and slicing_axis is None:
-        slicing_axis = like.file_axes[0]
-    labels = read_volume(path, slicing_axis=slicing_axis, check_values=False)
-    array = np.asarray(labels.array)
+def read_labels(path: str | os.PathLike, like: Volume | None = None, *, slicing_axis: int | None = None,
+                series_uid: str | None = None) -> Volume:
+    """Read a label file as a ``Volume`` of integer class ids (uint16, or uint32 beyond 65535).
+
+    Without ``like``, the labels get the display order ``read_volume`` gives the file. With ``like`` (the image
+    they label), they are put on the image's displayed grid by world geometry, whatever their own voxel order:
+    NIfTI labels for an NRRD or DICOM image, a flipped axis, or a crop of the image grid (a Slicer segmentation
+    stored on its segments' extent) are all aligned exactly. Labels whose voxels do not lie on the image's
+    voxels are refused with a message naming both geometries; nothing is resampled by guess. A label array
+    without world geometry (TIFF, .npy) is taken in the image's file voxel order, which ``write_volume`` writes.
+    The result has ``like``'s geometry, so masks derived from it are written where the image lies.
+    """
+    path = Path(path)
+    file_format = file_format_of(path)
+    data, affine, header = read_file(path, file_format, series_uid)
+    data = label_ids(_select_3d(data, path, None, file_format), path)
+    names, colors = _classes_of(header)
+    if like is None or not has_world_geometry(like.file_format) and has_world_geometry(file_format):
+        array, affine, spacing, file_axes, flips = display_order(data, affine, slicing_axis, file_format, path)
+        labels = Volume(array, spacing, affine, file_axes, path, file_format, header, (), flips, names, colors)
+        if like is not None and labels.shape != like.shape:
+            raise VolumeError(f"{path}: labels have shape {labels.shape} but the image has {like.shape}")
+        return labels
+    if has_world_geometry(file_format):
+        array = _on_image_grid(data, affine, like, path)
+    else:
+        if tuple(data.shape) != like.file_shape:
+            raise VolumeError(f"{path}: labels have shape {tuple(data.shape)} but the image's voxels are "
+                              f"{like.file_shape} (in its file order)")
+        array = displayed(data, like.file_axes, like.flips)
+    return dataclasses.replace(like, array=np.ascontiguousarray(array), source_path=path, channel_names=(),
+                               class_names=names, class_colors=colors)
+
+
+def label_ids(data: np.ndarray, path: Path) -> np.ndarray:
+    """Label voxels as non-negative integer ids (uint16, or uint32 beyond 65535); NaN or negative are refused."""
+    array = np.asarray(data)
     if np.issubdtype(array.dtype, np.floating):
         if not np.isfinite(array).all():
             raise VolumeError(f"{path}: label file contains NaN or infinite values")
         array = np.rint(array)
-    if array.min() < 0:
+    if array.size and array.min() < 0:
         raise VolumeError(f"{path}: label file contains negative label ids")
-    labels.array = array.astype(np.uint16 if array.max() < 65536 else np.uint32)
-    if like is not None and labels.shape != like.shape:
-        raise VolumeError(f"{path}: labels have shape {labels.shape} but the image has {like.shape}")
-    return labels
+    return array.astype(np.uint16 if not array.size or array.max() < 65536 else np.uint32)
 
 
-def write_volume(path: str | os.PathLike, array_zyx: np.ndarray, like: Volume | None = None) -> Path:
-    """Write a (Z, Y, X) array, e.g. a mask, atomically, in ``like``'s voxel order and geometry."""
+def _on_image_grid(data_ijk: np.ndarray, affine: np.ndarray, like: Volume, path: Path) -> np.ndarray:
+    """Label voxels (file order) moved onto ``like``'s displayed grid by world geometry, or a clear refusal."""
+    alignment = grid_alignment(affine, like.world_affine)
+    aligned = None if alignment is None else align_to_grid(data_ijk, alignment, like.shape)
+    if aligned is None:
+        image = like.source_path or "the image"
+        raise VolumeError(
+            f"{path}: the labels do not lie on the image's voxel grid, so they cannot be aligned without "
+            f"resampling. Labels: {describe_geometry(affine, data_ijk.shape)}. Image {image}: "
+            f"{like.describe_geometry()}. Resample the labels onto the image (e.g. in 3D Slicer or with "
+            "SimpleITK) first")
+    return aligned
+
+
+def write_volume(path: str | os.PathLike, array_zyx: np.ndarray, like: Volume | None = None, *,
+                 class_names: dict[int, str] | None = None,
+                 class_colors: dict[int, tuple[float, float, float]] | None = None) -> Path:
+    """Write a (Z, Y, X) array, e.g. a mask, atomically, on ``like``'s voxels in its world geometry.
+
+    The format follows the suffix: .nii/.nii.gz, .mgz, .nrrd (LPS space directions), .seg.nrrd (a Slicer
+    segmentation; ``class_names`` and ``class_colors`` name and colour its segments), .mha/.mhd, .dcm (a DICOM
+    SEG referencing ``like``'s DICOM series), .tif or .npy (the file's voxel order, with only a spacing).
+    Class names default to ``like``'s.
+    """
     path = Path(path)
     file_format = file_format_of(path)
-    like = like or Volume(np.asarray(array_zyx))
-    data = like.to_file_order(np.asarray(array_zyx))
+    array_zyx = np.asarray(array_zyx)
+    like = like or Volume(array_zyx)
+    if tuple(array_zyx.shape[:3]) != like.shape:
+        raise VolumeError(f"{path}: the array to write has shape {tuple(array_zyx.shape)} but its reference volume "
+                          f"{like.source_path or ''} has {like.shape}")
+    names = like.class_names if class_names is None else class_names
+    colors = like.class_colors if class_colors is None else class_colors
     path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(temporary: Path) -> None:
-        if file_format == "nifti":
-            write_nifti(temporary, data, like.affine, like.header)
-        elif file_format == "tiff":
-            write_tiff(temporary, data, np.sqrt((like.affine[:3, :3] ** 2).sum(axis=0)))
-        else:
-            write_npy(temporary, data)
-
-    atomic_write(path, write)
+    if file_format == "dicom":
+        atomic_write(path, lambda temporary: _write_dicom_seg(temporary, array_zyx, like, names, colors))
+        return path
+    data = like.to_file_order(array_zyx)
+    atomic_write(path, lambda temporary: FORMATS[file_format].write(temporary, data, like, names, colors))
     return path
