@@ -11,7 +11,11 @@ from ..volume import WINDOW_CHOICES
 
 def add_volume_options(parser) -> None:
     parser.add_argument("--axis", type=int, choices=(0, 1, 2), default=None,
-                        help="file voxel axis to slice along (NIfTI default 2, TIFF/npy default 0)")
+                        help="file voxel axis to slice along (default 2, the third, for NIfTI/NRRD/MHA/MGZ/DICOM; "
+                        "0 for TIFF/npy)")
+    parser.add_argument("--series", default=None, metavar="UID",
+                        help="SeriesInstanceUID to read from a DICOM folder holding several series (default: the "
+                        "largest CT/MR series; the choice is printed)")
     parser.add_argument("--channel", type=int, default=None, help="channel or time point of a 4D file")
     parser.add_argument("--channels", default=None,
                         help="up to three channels of a 4D file fed to SAM's red, green and blue inputs, e.g. 0,1,2 "
@@ -58,7 +62,12 @@ def read_input_volume(args):
         except ValueError:
             raise ValueError(f"--channels must be N or N,N,N; got {channels!r}") from None
         return read_channels(args.image, chosen, slicing_axis=args.axis)
-    return read_volume(args.image, slicing_axis=getattr(args, "axis", None), channel=getattr(args, "channel", None))
+    volume = read_volume(args.image, slicing_axis=getattr(args, "axis", None), channel=getattr(args, "channel", None),
+                         series_uid=getattr(args, "series", None))
+    chosen = getattr(volume.header, "chosen_message", None)  # which DICOM series of a folder was read, and why
+    if chosen:
+        print(chosen, file=sys.stderr)
+    return volume
 
 
 def open_predictor(args, volume=None):

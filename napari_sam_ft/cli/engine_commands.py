@@ -13,6 +13,10 @@ from pathlib import Path
 from .common import add_model_options, add_volume_options, open_predictor, progress_bar
 
 
+OUTPUT_HELP = ("output label file: .nii.gz, .nrrd, .seg.nrrd (Slicer), .mha, .mgz, .dcm (DICOM SEG over a DICOM "
+               "series), .tif or .npy; it overlays IMAGE in world coordinates")
+
+
 def register(subparsers) -> None:
     info = subparsers.add_parser("info", help="print the device, dtype, models and cache location")
     info.set_defaults(run=run_info)
@@ -32,14 +36,14 @@ def register(subparsers) -> None:
     segment.add_argument("--prompts", required=True, help="JSON prompt file")
     segment.add_argument("--propagate", action="store_true", help="grow each object through the neighbouring slices")
     segment.add_argument("--stop-iou", type=float, default=None, help="propagation stops below this predicted IoU")
-    segment.add_argument("-o", "--output", required=True, help="output label file (.nii.gz, .tif or .npy)")
+    segment.add_argument("-o", "--output", required=True, help=OUTPUT_HELP)
     add_volume_options(segment)
     add_model_options(segment)
     segment.set_defaults(run=run_segment)
 
     auto = subparsers.add_parser("auto", help="automatically segment the whole volume")
     auto.add_argument("image")
-    auto.add_argument("-o", "--output", required=True, help="output label file")
+    auto.add_argument("-o", "--output", required=True, help=OUTPUT_HELP)
     auto.add_argument("--slices", default=None, help="only slices A:B (B exclusive)")
     add_volume_options(auto)
     add_model_options(auto)
@@ -47,7 +51,8 @@ def register(subparsers) -> None:
 
     evaluate = subparsers.add_parser("evaluate", help="simulate prompts from reference LABELS and score the result")
     evaluate.add_argument("image")
-    evaluate.add_argument("labels", help="reference label file with the image's geometry")
+    evaluate.add_argument("labels", help="reference label file on the image's voxel grid, in any voxel order or "
+                          "format (aligned by world geometry; a DICOM SEG over a DICOM series)")
     evaluate.add_argument("--prompt", choices=("box", "point", "none"), default="box",
                           help="box: one reference box per object per slice; point: one click deep inside it; "
                           "none: automatic segmentation")
@@ -158,9 +163,10 @@ def run_evaluate(args) -> int:
     class_ids = [int(value) for value in args.classes.split(",")] if args.classes else None
     with progress_bar(f"evaluating ({args.prompt})", slice_range[1] - slice_range[0] + 1) as update:
         report, prediction = evaluate(predictor, reference.array, args.prompt, slice_range, class_ids,
-                                      class_names=class_names_for(args.labels), progress=update)
+                                      class_names=reference.class_names or class_names_for(args.labels),
+                                      progress=update)
     if args.output:
-        write_volume(args.output, prediction.astype("uint16"), like=volume)
+        write_volume(args.output, prediction.astype("uint16"), like=volume, class_names=reference.class_names)
     print_report(report)
     if args.json:
         print(json.dumps(report))

@@ -414,6 +414,8 @@ def read_labels(path: str | os.PathLike, like: Volume | None = None, *, slicing_
     """
     path = Path(path)
     file_format = file_format_of(path)
+    if file_format == "dicom" and _is_dicom_seg(path):
+        return _read_dicom_seg_labels(path, like)
     data, affine, header = read_file(path, file_format, series_uid)
     data = label_ids(_select_3d(data, path, None, file_format), path)
     names, colors = _classes_of(header)
@@ -432,6 +434,26 @@ def read_labels(path: str | os.PathLike, like: Volume | None = None, *, slicing_
         array = displayed(data, like.file_axes, like.flips)
     return dataclasses.replace(like, array=np.ascontiguousarray(array), source_path=path, channel_names=(),
                                class_names=names, class_colors=colors)
+
+
+def _is_dicom_seg(path: Path) -> bool:
+    from .dicom_seg import is_dicom_seg
+
+    return is_dicom_seg(path)
+
+
+def _read_dicom_seg_labels(path: Path, like: Volume | None) -> Volume:
+    """A DICOM SEG on the grid of the DICOM series it references (``like``, read from that series)."""
+    from .dicom import DicomSource
+    from .dicom_seg import read_dicom_seg
+
+    if like is None or not isinstance(like.header, DicomSource):
+        raise VolumeError(f"{path}: is a DICOM SEG; it is read over the DICOM series it segments, so open that "
+                          "series as the image")
+    data_ijk, names = read_dicom_seg(path, like.header)
+    array = displayed(label_ids(data_ijk, path), like.file_axes, like.flips)
+    return dataclasses.replace(like, array=np.ascontiguousarray(array), source_path=path, channel_names=(),
+                               class_names=dict(names), class_colors={})
 
 
 def label_ids(data: np.ndarray, path: Path) -> np.ndarray:
