@@ -1,39 +1,92 @@
-"""npe2 reader: NIfTI, TIFF and .npy volumes as Image or Labels layers that keep the file's geometry.
+"""npe2 reader: scans and masks (NIfTI, NRRD/NHDR, Slicer .seg.nrrd, MHA/MHD, MGZ, DICOM series, 3D TIFF and .npy)
+as Image or Labels layers that keep the file's geometry.
 
-A file that is not a usable 3D scan (2D, 4D without a chosen channel, NaN, constant, unreadable) gives one
-napari error notification naming the file and the problem, and no layer; the viewer stays usable.
+It claims only what it can read: a folder only when it holds DICOM, a TIFF or .npy only when it is a 3D
+volume (a 2D picture or an RGB photo is left to napari's own reader). A claimed file that is not a usable
+scan (NaN, constant, unreadable, a broken series) gives one napari error notification naming the file and
+the problem, and no layer; the viewer stays usable. A folder with several series opens the largest CT/MR
+series and says so, with a button to choose another; a 4D file opens each channel as its own 3D layer
+(up to ``MAX_CHANNEL_LAYERS``; longer time series open their first volume, with a button to choose another).
+No torch here: opening a file never imports the model.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 
-from ._layer_data import image_layer_data, labels_layer_data, looks_like_labels, smallest_label_dtype
-from .volume import SUPPORTED_SUFFIXES, VolumeError, check_intensities, read_volume
+from ._layer_data import (GEOMETRY_KEY, channel_layers_data, image_layer_data, labels_layer_data, looks_like_labels,
+                          smallest_label_dtype)
+from .volume import VolumeError, check_intensities, read_channels, read_volume
 
 # npe2's "accepted the file, opened no layers" value: napari then tries no other reader and raises nothing.
 NO_LAYERS = [(None,)]
+# Files only a medical-imaging reader opens: always ours (a damaged one gets our message, not napari's).
+SCAN_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".seg.nrrd", ".mha", ".mhd", ".mgz", ".dcm")
+# Files napari's own reader opens too: ours only when they hold a 3D volume.
+ARRAY_SUFFIXES = (".tif", ".tiff", ".npy")
+# A 4D file with at most this many channels (T1/T1c/T2/FLAIR) opens every channel as a layer.
+MAX_CHANNEL_LAYERS = 4
+RGB_SAMPLES = (3, 4)
+
+
+def single_path(path) -> str | None:
+    if isinstance(path, (list, tuple)):
+        return str(path[0]) if len(path) == 1 else None
+    return str(path)
 
 
 def get_reader(path: str | list[str]):
-    """The reader function for one supported file, or None so napari asks another plugin."""
-    if isinstance(path, (list, tuple)):
-        if len(path) != 1:
-            return None
-        path = path[0]
-    if not str(path).lower().endswith(SUPPORTED_SUFFIXES):
+    """The reader function for a file or folder this plugin can read, or None so napari asks another plugin."""
+    path = single_path(path)
+    if path is None or not claims(Path(path)):
         return None
     return read_layers
 
 
-def read_layers(path: str | list[str], **_ignored) -> list[tuple]:
-    """Layer data tuples for one file: a Labels layer for a segmentation, otherwise an Image layer."""
-    if isinstance(path, (list, tuple)):
-        path = path[0]
+def claims(path: Path) -> bool:
+    """True for what this reader can open: a scan file, a DICOM folder or file, a 3D TIFF or .npy."""
+    from .io.dicom import is_dicom_file, is_dicom_path
+
+    lower = path.name.lower()
+    if path.is_dir():
+        return is_dicom_path(path)
+    if lower.endswith(SCAN_SUFFIXES):
+        return True
+    if lower.endswith(ARRAY_SUFFIXES):
+        shape, rgb = array_file_shape(path)
+        return shape is not None and not rgb and spatial_ndim(shape) >= 3
+    return "." not in lower and is_dicom_file(path)  # DICOM files from a PACS often have no suffix
+
+
+def array_file_shape(path: Path) -> tuple[tuple[int, ...] | None, bool]:
+    """(shape, is_rgb) of a TIFF or .npy from its header alone; (None, False) when it cannot be parsed."""
     try:
-        return [read_layer_data(path)]
+        if path.name.lower().endswith(".npy"):
+            array = np.load(str(path), mmap_mode="r", allow_pickle=False)
+            rgb = array.ndim == 3 and array.shape[-1] in RGB_SAMPLES and array.dtype == np.uint8
+            return tuple(array.shape), rgb
+        import tifffile
+
+        with tifffile.TiffFile(str(path)) as tif:
+            series = tif.series[0]
+            return tuple(series.shape), "S" in series.axes
+    except Exception:  # not parseable: napari's reader (or none) reports it
+        return None, False
+
+
+def spatial_ndim(shape) -> int:
+    """Dimensions longer than one voxel: a (1, Y, X) stack is a 2D picture."""
+    return sum(1 for size in shape if size > 1)
+
+
+def read_layers(path: str | list[str], **_ignored) -> list[tuple]:
+    """Layer data tuples for one file or DICOM folder; one error notification for anything unusable."""
+    path = single_path(path)
+    try:
+        return read_layer_data_list(Path(path))
     except VolumeError as error:
         from napari.utils.notifications import show_error
 
@@ -41,13 +94,108 @@ def read_layers(path: str | list[str], **_ignored) -> list[tuple]:
         return NO_LAYERS
 
 
-def read_layer_data(path: str | os.PathLike) -> tuple:
-    """One layer data tuple for ``path``; raises ``VolumeError`` for a file that is not a usable 3D volume."""
-    volume = read_volume(path, check_values=False)
+def read_layer_data_list(path: Path) -> list[tuple]:
+    """The layer data tuples for ``path``; raises ``VolumeError`` for anything that is not a usable scan."""
+    from .io.dicom import is_dicom_path
+
+    if is_dicom_path(path):
+        return read_dicom_layers(path)
+    count = channel_count(path)
+    if count <= 1:
+        return [read_layer_data(path)]
+    if count <= MAX_CHANNEL_LAYERS:
+        return read_channel_layers(path, count)
+    offer_choice(f"{path.name} holds {count} volumes (channels or time points); opened volume 0. To open another, "
+                 "press 'Open another volume'.",
+                 "Open another volume", [f"volume {channel}" for channel in range(count)],
+                 lambda channel: [read_layer_data(path, channel=channel)])
+    return [read_layer_data(path, channel=0)]
+
+
+def channel_count(path: Path) -> int:
+    """Channels (or time points) of a 4D file; 1 for a 3D one. Read from the header where the format allows."""
+    lower = path.name.lower()
+    if lower.endswith(ARRAY_SUFFIXES):
+        shape, _ = array_file_shape(path)
+    elif lower.endswith((".nii", ".nii.gz", ".mgz")):
+        import nibabel as nib
+
+        try:
+            shape = nib.load(str(path)).shape
+        except Exception:  # the full read says what is wrong with it
+            return 1
+    else:
+        return 1  # NRRD/MHA channels are read with the volume itself
+    if shape is None or len(shape) != 4:
+        return 1
+    return int(shape[3]) if lower.endswith((".nii", ".nii.gz", ".mgz")) else int(min(shape[0], shape[-1]))
+
+
+def read_layer_data(path: Path, channel: int | None = None, series_uid: str | None = None) -> tuple:
+    """One layer data tuple: Labels for a segmentation, otherwise an Image."""
+    volume = read_volume(path, channel=channel, series_uid=series_uid, check_values=False)
+    name = None if channel is None else f"{volume.name} [channel {channel}]"
     if looks_like_labels(volume):
         array = np.asarray(volume.array)
         if np.issubdtype(array.dtype, np.floating):
             array = np.rint(array)
-        return labels_layer_data(volume.with_array(array.astype(smallest_label_dtype(array))))
+        return labels_layer_data(volume.with_array(array.astype(smallest_label_dtype(array))), name=name)
     check_intensities(volume.array, path)
-    return image_layer_data(volume)
+    tell_if_oblique(volume)
+    extra = {} if channel is None else {"channel": int(channel)}
+    return image_layer_data(volume, name=name, **extra)
+
+
+def tell_if_oblique(volume) -> None:
+    """Say once that napari shows an oblique scan on its voxel grid while masks keep the exact geometry."""
+    if not volume.is_oblique:
+        return
+    from napari.utils.notifications import show_info
+
+    from .io.geometry import obliquity_degrees
+
+    show_info(f"{volume.name} is oblique ({obliquity_degrees(volume.affine):.1f} degrees from the patient axes): "
+              "napari shows it on its own voxel grid, without the tilt; masks drawn on it are saved in its exact "
+              "oblique geometry, so they overlay it in ITK-SNAP, Slicer or nibabel")
+
+
+def read_channel_layers(path: Path, count: int) -> list[tuple]:
+    """Every channel of a 4D file as its own Image layer, reading the file at most once per three channels."""
+    layers = []
+    for first in range(0, count, 3):
+        chosen = list(range(first, min(first + 3, count)))
+        volume = read_channels(path, chosen)
+        if volume.array.ndim == 3:
+            layers.append(image_layer_data(volume, name=f"{volume.name} [channel {chosen[0]}]", channel=chosen[0]))
+        else:
+            layers.extend(channel_layers_data(volume, chosen))
+    tell_if_oblique(volume)
+    return layers
+
+
+def read_dicom_layers(path: Path) -> list[tuple]:
+    """The default series of a DICOM folder (the largest CT/MR one); when there are others, a button offers them."""
+    from .io.dicom import list_dicom_series
+
+    series = [info for info in list_dicom_series(path) if info.is_image]
+    layer = read_layer_data(path)
+    if len(series) > 1:
+        source = layer[1]["metadata"][GEOMETRY_KEY]["header"]
+        default = next((index for index, info in enumerate(series) if info.series_uid == source.series_uid), 0)
+        offer_choice(f"{path.name} holds {len(series)} image series; opened {series[default].summary()}, the largest "
+                     "CT/MR series. To open another, press 'Choose another series'.", "Choose another series",
+                     [info.summary() for info in series],
+                     lambda index: [read_layer_data(path, series_uid=series[index].series_uid)], default)
+    return [layer]
+
+
+def offer_choice(message: str, button: str, choices: list[str], open_choice, default: int = 0) -> None:
+    """An info notification with a button that opens a picker; the picked item's layers go to the viewer."""
+    from napari.utils.notifications import Notification, NotificationSeverity, notification_manager
+
+    def pick(_notification_widget=None):
+        from ._widgets.volume_picker import pick_and_open
+
+        return pick_and_open(message, choices, open_choice, default)
+
+    notification_manager.dispatch(Notification(message, severity=NotificationSeverity.INFO, actions=[(button, pick)]))

@@ -132,11 +132,19 @@ def test_a_2d_npy_gives_one_notification_and_no_layer(tmp_path, notifications):
     assert len(notifications) == 1 and "is 2D" in notifications[0] and "slice.npy" in notifications[0]
 
 
-def test_a_4d_nifti_gives_one_notification_and_no_layer(tmp_path, notifications):
+def test_a_4d_nifti_opens_each_channel_as_a_3d_layer_that_reopens_as_that_channel(tmp_path):
     path = tmp_path / "series.nii.gz"
-    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((8, 8, 6, 3)).astype(np.float32), np.eye(4)), str(path))
-    assert read_layers(str(path)) == NO_LAYERS
-    assert len(notifications) == 1 and "4D" in notifications[0] and "channel" in notifications[0]
+    data = np.random.default_rng(0).random((8, 9, 6, 3)).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, np.diag([2.0, 2.0, 3.0, 1.0])), str(path))
+    layers = read_layers(str(path))
+    assert [meta["name"] for _, meta, _ in layers] == [f"series [channel {c}]" for c in range(3)]
+    for channel, (array, meta, layer_type) in enumerate(layers):
+        assert layer_type == "image" and array.shape == (6, 9, 8)
+        assert meta["metadata"][GEOMETRY_KEY]["channel"] == channel
+        again, _, _ = read_layers(str(path))[channel]
+        np.testing.assert_array_equal(array, again)
+        # The displayed (z, y, x) volume is the file's channel, transposed and flipped as for any RAS scan.
+        np.testing.assert_array_equal(np.asarray(array), np.transpose(data[..., channel], (2, 1, 0))[:, ::-1, ::-1])
 
 
 def test_a_damaged_file_gives_one_notification(tmp_path, notifications):
@@ -164,11 +172,16 @@ def test_layer_data_that_is_not_3d_is_refused():
         volume_from_layer(np.zeros((3, 4)), {})
 
 
-def test_a_nifti_layer_saved_as_tiff_reads_back_the_same(tmp_path):
-    _, labels_path = sample_paths("ct")
+def test_a_nifti_layer_saved_as_tiff_holds_the_scans_file_voxel_order(tmp_path):
+    """TIFF has no world geometry: like write_volume everywhere, it holds the scan's own (i, j, k) voxels, which
+    ``read_labels(..., like=scan)`` (the CLI) puts back on the scan."""
+    import tifffile
+
+    from napari_sam_ft.volume import read_labels, read_volume
+
+    ct_path, labels_path = sample_paths("ct")
     data, meta, _ = read_one(labels_path)
     path = tmp_path / "labels.tif"
     write_labels(str(path), data, meta)
-    again, again_meta, _ = read_one(path)
-    np.testing.assert_array_equal(again, data)
-    assert again_meta["scale"] == pytest.approx(meta["scale"])
+    np.testing.assert_array_equal(tifffile.imread(str(path)), np.asanyarray(nib.load(str(labels_path)).dataobj))
+    np.testing.assert_array_equal(read_labels(path, like=read_volume(ct_path)).array, data)
