@@ -22,7 +22,7 @@ MAX_LABEL_IDS = 1000
 # This few distinct values is a (binary or few-class) mask whatever its layout.
 FEW_VALUES = 8
 # Of neighbouring voxel pairs touching a non-zero voxel, at least this fraction are equal in a label map.
-PIECEWISE_CONSTANT_FRACTION = 0.8
+PIECEWISE_CONSTANT_FRACTION = 0.5  # measured: segmentations 82-99 %, 8-bit and 0..300 scans 7-17 %
 LABEL_NAME_PATTERN = re.compile(r"(^|[^a-z])(seg|segs|segmentation|label|labels|labelmap|mask|masks|dseg|aseg|"
                                 r"aparc|annotation|annotations|roi|gt)([^a-z]|$)")
 # Acquisition fields of a BIDS/dcm2niix sidecar: the file beside it is a scan.
