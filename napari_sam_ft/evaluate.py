@@ -88,9 +88,8 @@ def evaluate(predictor: VolumePredictor, reference: np.ndarray, prompt_mode: str
         raise ValueError("the reference labels are empty: there is nothing to evaluate against")
     first, last = slice_range if slice_range is not None else (0, predictor.volume.num_slices - 1)
     slice_indices = range(first, last + 1)
-    in_range = np.zeros(reference.shape, bool)
-    in_range[first:last + 1] = True
-    reference_in_range = np.where(in_range, reference, 0)
+    reference_in_range = np.zeros_like(reference)  # no whole-volume boolean mask: a 600-slice CT stays in memory
+    reference_in_range[first:last + 1] = reference[first:last + 1]
     if class_ids is None:
         class_ids = [int(value) for value in np.unique(reference_in_range) if value != 0]
     started = time.perf_counter()
@@ -99,17 +98,21 @@ def evaluate(predictor: VolumePredictor, reference: np.ndarray, prompt_mode: str
                                    should_cancel=should_cancel)
         if predictor.model.class_head is None:
             automatic = match_instances_to_classes(automatic, reference_in_range)
-        prediction = np.where(in_range, automatic, 0).astype(np.int32)
+        prediction = np.zeros(reference.shape, np.int32)
+        prediction[first:last + 1] = automatic[first:last + 1]
     else:
         masks_by_class = segment_with_reference_prompts(predictor, reference_in_range, prompt_mode, slice_indices,
                                                         class_ids, progress, should_cancel)
         prediction = compose_labels(masks_by_class, reference.shape)
     seconds = time.perf_counter() - started
+    # Scored on the slices in range only (views, no copies): outside them both label maps are empty.
+    scored = slice(first, last + 1)
     if prompt_mode == "none":
-        report = score_labels(prediction, reference_in_range, predictor.volume.spacing, class_ids, class_names,
-                              with_hd95=with_hd95)
+        report = score_labels(prediction[scored], reference_in_range[scored], predictor.volume.spacing, class_ids,
+                              class_names, with_hd95=with_hd95)
     else:
-        report = score_masks(masks_by_class, reference_in_range, predictor.volume.spacing, class_names, with_hd95)
+        report = score_masks({class_id: mask[scored] for class_id, mask in masks_by_class.items()},
+                             reference_in_range[scored], predictor.volume.spacing, class_names, with_hd95)
     report.update({"prompt": prompt_mode, "model": predictor.model.name, "adapter": predictor.model.adapter_id,
                    "window": predictor.window.key, "slices": [first, last], "seconds": round(seconds, 2),
                    "encoder_passes": predictor.encoder_calls})

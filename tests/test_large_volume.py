@@ -188,3 +188,88 @@ def test_a_scaled_nifti_is_rescaled_slab_by_slab_without_a_float64_copy(tmp_path
     halved = read_volume(path, check_values=False)
     assert halved.array.dtype == np.float32
     assert np.allclose(halved.to_file_order(np.asarray(halved.array)), stored * 0.5)
+
+
+def _write_gzipped_ct(path, seed: int = 3):
+    """A 96 x 160 x 128 int16 CT-like volume as .nii.gz (3.75 MiB of voxels); returns its (i, j, k) data."""
+    rng = np.random.default_rng(seed)
+    data = np.full((128, 160, 96), -1000, np.int16)
+    data[20:110, 30:140, :] = rng.integers(-80, 200, size=(90, 110, 96), dtype=np.int16)
+    nib.save(nib.Nifti1Image(data, np.diag([-0.8, -0.8, 1.5, 1.0])), str(path))
+    return data
+
+
+def test_a_large_nii_gz_is_decompressed_once_to_a_memory_mapped_cache_file_with_identical_values(tmp_path,
+                                                                                                monkeypatch):
+    from napari_sam_ft.io import decompressed
+
+    monkeypatch.setenv("NAPARI_SAM_FT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(decompressed, "DECOMPRESS_TO_CACHE_BYTES", 1 << 20)  # this 3.75 MiB volume counts as large
+    path = tmp_path / "ct.nii.gz"
+    data = _write_gzipped_ct(path)
+    monkeypatch.setattr(decompressed, "CHUNK_BYTES", 1 << 18)  # the streaming buffer, small beside the volume
+    peak = _peak_bytes(lambda: read_volume(path, check_values=False))
+    volume = read_volume(path)
+    mapped = volume.array if volume.array.base is None else volume.array.base
+    assert isinstance(mapped, np.memmap), "a large .nii.gz should be read from its memory-mapped uncompressed copy"
+    copies = list((tmp_path / "cache" / "decompressed").iterdir())
+    assert len(copies) == 1 and copies[0].suffix == ".nii" and copies[0].stat().st_size >= data.nbytes
+    assert peak < data.nbytes / 4  # never the whole volume in memory (nibabel alone reads all of it)
+    assert np.array_equal(volume.to_file_order(np.asarray(volume.array)), np.asarray(nib.load(str(path)).dataobj))
+
+    modified = copies[0].stat().st_mtime_ns
+    read_volume(path)  # reopened: the same copy, not decompressed again
+    assert list((tmp_path / "cache" / "decompressed").iterdir()) == copies
+    assert copies[0].stat().st_mtime_ns >= modified
+
+    changed = _write_gzipped_ct(path, seed=4)  # an edited file is another version: decompressed anew
+    reread = read_volume(path)
+    assert np.array_equal(reread.to_file_order(np.asarray(reread.array)), changed)
+    assert len(list((tmp_path / "cache" / "decompressed").iterdir())) == 2
+
+
+def test_a_damaged_large_nii_gz_is_one_clear_error_and_a_read_only_cache_falls_back_to_memory(tmp_path, monkeypatch):
+    from napari_sam_ft.io import VolumeError, decompressed
+
+    monkeypatch.setattr(decompressed, "DECOMPRESS_TO_CACHE_BYTES", 1 << 20)
+    path = tmp_path / "ct.nii.gz"
+    data = _write_gzipped_ct(path)
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("NAPARI_SAM_FT_CACHE", str(blocked))
+    with pytest.warns(UserWarning, match="reading it into memory"):
+        volume = read_volume(path)
+    assert np.array_equal(volume.to_file_order(np.asarray(volume.array)), data)
+
+    monkeypatch.setenv("NAPARI_SAM_FT_CACHE", str(tmp_path / "cache"))
+    compressed = path.read_bytes()
+    path.write_bytes(compressed[: len(compressed) * 2 // 3])
+    with pytest.raises(VolumeError, match="gzip stream is damaged or truncated"):
+        read_volume(path)
+    assert not any(entry.name.endswith(".nii") for entry in (tmp_path / "cache" / "decompressed").iterdir())
+
+
+def test_hd95_on_the_masks_bounding_box_equals_the_whole_volume_distance_maps_and_needs_far_less_memory():
+    from scipy import ndimage
+
+    from napari_sam_ft.metrics import hd95
+
+    shape, spacing = (64, 160, 160), (2.5, 0.8, 0.7)
+    zz, yy, xx = np.ogrid[:shape[0], :shape[1], :shape[2]]
+    reference = ((zz - 32) / 6.0) ** 2 + ((yy - 70) / 20.0) ** 2 + ((xx - 90) / 15.0) ** 2 <= 1
+    prediction = ((zz - 33) / 5.0) ** 2 + ((yy - 73) / 18.0) ** 2 + ((xx - 88) / 17.0) ** 2 <= 1
+
+    def whole_volume(a, b):  # the textbook computation over the whole grid
+        structure = ndimage.generate_binary_structure(3, 1)
+        surface_a = a & ~ndimage.binary_erosion(a, structure, border_value=0)
+        surface_b = b & ~ndimage.binary_erosion(b, structure, border_value=0)
+        to_b = ndimage.distance_transform_edt(~surface_b, sampling=spacing)
+        to_a = ndimage.distance_transform_edt(~surface_a, sampling=spacing)
+        return float(np.percentile(np.concatenate([to_b[surface_a], to_a[surface_b]]), 95))
+
+    assert hd95(prediction, reference, spacing) == pytest.approx(whole_volume(prediction, reference), abs=1e-9)
+    edge = np.zeros(shape, bool)
+    edge[:4, :10, -12:] = True  # touching the volume's border: the box is clipped, the result unchanged
+    assert hd95(edge, reference, spacing) == pytest.approx(whole_volume(edge, reference), abs=1e-9)
+    peak = _peak_bytes(lambda: hd95(prediction, reference, spacing))
+    assert peak < reference.size * 8 / 4  # one whole-volume float64 distance map would be 4x this
