@@ -9,8 +9,8 @@ import torch
 
 from napari_sam_ft.engine.predictor import VolumePredictor
 from napari_sam_ft.finetune.adapters import (CLASS_HEAD_FILE, LORA_WEIGHTS_FILE, METADATA_FILE, AdapterError,
-                                             active_adapter, adapter_size_bytes, load_adapter, read_adapter_info,
-                                             save_adapter, unload_adapter)
+                                             AttachedAdapter, active_adapter, adapter_size_bytes, load_adapter,
+                                             read_adapter_info, save_adapter, unload_adapter)
 from napari_sam_ft.finetune.heads import ClassHead
 from napari_sam_ft.finetune.scopes import LoraSettings, prepare_scope
 from napari_sam_ft.models.registry import load_model
@@ -59,8 +59,9 @@ def make_adapter(model, scope, directory, seed, with_head=True):
                 "val_dice_after": {"box": 0.95}}
     info = save_adapter(directory, scope=scope, weights=trainable.adapter_state(),
                         lora_config=trainable.lora_config, class_head=head, metadata=metadata)
-    reference_model = dataclasses.replace(model, sam=trainable.sam, class_head=head, class_ids=(1, 5),
-                                          adapter_id=f"reference-{scope}-{seed}", encoder_adapted=True)
+    reference_info = dataclasses.replace(info, adapter_id=f"reference-{scope}-{seed}", encoder_adapted=True)
+    reference_model = dataclasses.replace(model, sam=trainable.sam,
+                                          adapter=AttachedAdapter(reference_info, class_head=head))
     return info, reference_model
 
 

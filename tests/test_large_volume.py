@@ -120,7 +120,7 @@ def test_a_reopened_file_with_a_fresh_cache_on_the_same_folder_runs_zero_encoder
 
 
 def _key(name: str = "volume") -> CacheKey:
-    return CacheKey(name, "model-1", "none", "soft_tissue:-160:240", 2)
+    return CacheKey(name, "model-1", "none", "soft_tissue:-160:240", 2, "fp32")
 
 
 def _embedding(seed: int) -> torch.Tensor:

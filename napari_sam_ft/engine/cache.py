@@ -1,4 +1,4 @@
-"""Embedding cache: each slice is encoded once per (volume content, model, adapter, window, axis).
+"""Embedding cache: each slice is encoded once per (volume content, model, adapter, window, axis, precision).
 
 Embeddings live in memory under a byte budget (least recently used slices are evicted first) and,
 optionally, on disk under the user cache directory as one ``.npy`` per slice, so reopening the same
@@ -25,6 +25,9 @@ DEFAULT_DISK_BUDGET_BYTES = 8 << 30
 # Eviction brings the disk tier down to this fraction of its budget, so it does not run on every write.
 DISK_EVICTION_TARGET = 0.9
 STALE_TEMPORARY_SECONDS = 3600  # a temporary file this old was left by a process that died mid-write
+# Part of every key: bump it with any change to the code between a slice and its embedding (windowing,
+# preprocessing, the encoder's layers), so embeddings cached on disk by an older version are never served.
+EMBEDDING_CODE_VERSION = 2
 
 
 def default_cache_dir() -> Path:
@@ -48,16 +51,23 @@ def volume_content_hash(array: np.ndarray, slab_slices: int = 16) -> str:
 
 @dataclass(frozen=True)
 class CacheKey:
-    """Identifies one volume as the encoder sees it; a slice index completes the key."""
+    """Identifies one volume as the encoder sees it; a slice index completes the key.
+
+    ``adapter_id`` is the adapter as the encoder sees it ("none" for adapters that leave the encoder alone);
+    ``precision`` the encoder's autocast dtype ("bf16", "fp16", "fp32"), whose embeddings differ.
+    """
 
     volume_hash: str
     model_id: str
     adapter_id: str
     window_key: str
     axis: int
+    precision: str
+    code_version: int = EMBEDDING_CODE_VERSION
 
     def digest(self) -> str:
-        text = "|".join((self.volume_hash, self.model_id, self.adapter_id, self.window_key, str(self.axis)))
+        text = "|".join((self.volume_hash, self.model_id, self.adapter_id, self.window_key, str(self.axis),
+                         self.precision, str(self.code_version)))
         return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
 
 

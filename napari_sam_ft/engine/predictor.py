@@ -7,7 +7,6 @@ All prompt coordinates are in volume pixel units of the current slice, SAM-style
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -16,7 +15,7 @@ import numpy as np
 import torch
 
 from ..devices import autocast_context, autocast_dtype, dtype_name
-from ..models.registry import LoadedModel
+from ..models.registry import LoadedModel, ModelIdentity
 from ..volume import Volume, Window, choose_window
 from .cache import CacheKey, EmbeddingCache, volume_content_hash
 from .fast_decoder import FastMaskDecoder, supports
@@ -27,6 +26,13 @@ CancelCheck = Callable[[], bool]
 
 class Cancelled(Exception):
     """Raised inside long work when the caller's cancel check says stop."""
+
+
+class ModelChanged(Cancelled):
+    """The model's encoder changed (an adapter switch) while slices were being encoded for the old one.
+
+    The embeddings of the old network are dropped, never filed under the new identity; the caller may encode again.
+    """
 
 
 CPU_BATCH_SIZE = 2  # slices per encoder pass on a CPU: larger batches are no faster there, only bigger
@@ -108,7 +114,6 @@ class VolumePredictor:
         # (engine.fast_decoder); accelerators run the stock decoder under autocast. None: stock decoder.
         self.fast_decoder = (FastMaskDecoder(self.encoder_dtype or torch.float32)
                              if model.device.type == "cpu" and supports(model.sam.mask_decoder) else None)
-        self._encode_lock = threading.Lock()  # one encoder pass at a time: they already use every core
 
     # -- geometry and keys -----------------------------------------------------------------------
     @property
@@ -117,9 +122,13 @@ class VolumePredictor:
 
     @property
     def cache_key(self) -> CacheKey:
-        encoder_adapter = self.model.adapter_id if self.model.encoder_adapted else "none"
-        return CacheKey(self.volume_hash, self.model.model_id, encoder_adapter, self.window.key,
-                        self.volume.file_axes[0])
+        """The key of this volume's embeddings for the model as it is now."""
+        return self.key_for(self.model.identity)
+
+    def key_for(self, identity: ModelIdentity) -> CacheKey:
+        """The key of this volume's embeddings computed by the network ``identity`` names."""
+        return CacheKey(self.volume_hash, identity.base_model_id, identity.encoder_adapter_id, self.window.key,
+                        self.volume.file_axes[0], self.precision_name)
 
     @property
     def precision_name(self) -> str:
@@ -153,10 +162,11 @@ class VolumePredictor:
     def embedding(self, slice_index: int) -> torch.Tensor:
         """The (1, C, h, w) float32 image embedding of a slice, encoding it only if it is not cached."""
         self._check_slice(slice_index)
-        cached = self.cache.get(self.cache_key, slice_index)
+        identity = self.model.identity
+        cached = self.cache.get(self.key_for(identity), slice_index)
         if cached is None:
-            self.encode_slices([slice_index])
-            cached = self.cache.get(self.cache_key, slice_index)
+            # Rounded as the cache stores it, so a slice decodes the same before and after a cache hit.
+            cached = self._encode_batch_as([int(slice_index)], identity)[0].to(torch.float16)
         return cached.to(self.model.device, torch.float32).unsqueeze(0)
 
     @torch.inference_mode()
@@ -174,13 +184,17 @@ class VolumePredictor:
         """Encode and cache the given slices in batches; returns how many were encoded.
 
         ``progress(done, total)`` is called after each batch; ``should_cancel()`` is checked between
-        batches and raises ``Cancelled`` (slices finished so far stay cached).
+        batches and raises ``Cancelled`` (slices finished so far stay cached). The model's identity is taken
+        now: if an adapter switch changes the encoder before a later batch, ``ModelChanged`` is raised and
+        nothing more is stored.
         """
+        identity = self.model.identity
+        key = self.key_for(identity)
         indices = [int(index) for index in slice_indices]
         for index in indices:
             self._check_slice(index)
         if skip_cached:
-            indices = [index for index in indices if not self.is_encoded(index)]
+            indices = [index for index in indices if not self.cache.contains(key, index)]
         total = len(indices)
         done = 0
         if progress:
@@ -189,18 +203,31 @@ class VolumePredictor:
             if should_cancel is not None and should_cancel():
                 raise Cancelled(f"encoding cancelled after {done} of {total} slices")
             batch = indices[start:start + self.batch_size]
-            with self._encode_lock:
-                batch = [index for index in batch if not (skip_cached and self.is_encoded(index))]
-                if batch:
-                    images = np.stack([self.slice_image(index) for index in batch])
-                    embeddings = self.encode_batch(images)
-                    for index, embedding in zip(batch, embeddings):
-                        self.cache.put(self.cache_key, index, embedding)
-                    self.encoded_slices += len(batch)
+            if skip_cached:
+                batch = [index for index in batch if not self.cache.contains(key, index)]
+            if batch:
+                self._encode_batch_as(batch, identity)
             done = min(start + self.batch_size, total)
             if progress:
                 progress(done, total)
         return total
+
+    def _encode_batch_as(self, slice_indices: list[int], identity: ModelIdentity) -> list[torch.Tensor]:
+        """Encode slices with the network ``identity`` names and cache them under its key; (C, h, w) each.
+
+        The model's lock is held for the pass (one encoder pass at a time: each already uses every core), and an
+        adapter switch takes the same lock, so the identity checked here is the network that runs.
+        """
+        images = np.stack([self.slice_image(index) for index in slice_indices])
+        key = self.key_for(identity)
+        with self.model.lock:
+            if self.model.identity.encoder_key() != identity.encoder_key():
+                raise ModelChanged(f"the model changed to {self.model.identity} while encoding for {identity}")
+            embeddings = self.encode_batch(images)
+            for index, embedding in zip(slice_indices, embeddings):
+                self.cache.put(key, index, embedding)
+        self.encoded_slices += len(slice_indices)
+        return list(embeddings)
 
     def encode_volume(self, progress: ProgressCallback | None = None, should_cancel: CancelCheck | None = None,
                       slice_indices=None) -> int:

@@ -91,22 +91,3 @@ def propagate_mask(predictor: VolumePredictor, key_masks: dict[int, np.ndarray],
         progress(total, total)
     return result
 
-
-def propagate_labels(predictor: VolumePredictor, labels_zyx: np.ndarray, label_ids=None, **settings) -> np.ndarray:
-    """Propagate every label id from the slices where it is drawn -> a (Z, H, W) label array.
-
-    Voxels drawn by the user (the key slices) win; where two propagated objects overlap, the lower id
-    keeps the voxel, so the result is reproducible.
-    """
-    labels_zyx = np.asarray(labels_zyx)
-    if label_ids is None:
-        label_ids = [int(value) for value in np.unique(labels_zyx) if value != 0]
-    result = np.zeros(labels_zyx.shape, dtype=np.int32)
-    for label_id in sorted(label_ids, reverse=True):
-        object_mask = labels_zyx == label_id
-        key_slices = np.flatnonzero(object_mask.any(axis=(1, 2)))
-        grown = propagate_mask(predictor, {int(index): object_mask[index] for index in key_slices}, **settings)
-        result[grown] = label_id
-    drawn = labels_zyx != 0
-    result[drawn] = labels_zyx[drawn]
-    return result

