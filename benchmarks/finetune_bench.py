@@ -1,24 +1,33 @@
-"""Few-shot fine-tuning benchmark: train on 5 annotated slices, score the held-out slices.
+"""Few-shot fine-tuning on real scans: 5 annotated slices per structure, every other labelled slice held out.
 
-For each sample volume (the CT, and the MR as a second volume the recipe was not tuned on) the reference
-labels of 5 evenly spaced slices (organs only) play the user's annotations; every other slice is
-held out. Printed per volume:
+Cases: every entry of ``CASES/cases.json`` (mni152 amygdala/pallidum/hippocampus, the brain2 and lung1
+lesions, ctchest) plus the bundled sample CT and MR. For each case the reference labels of 5 slices spread
+through each structure play the user's annotations; every other labelled slice is held out and scored.
+Rows per case:
 
 * zero-shot automatic: the base model's automatic segmentation, each 3D instance given the reference
   class it overlaps most (oracle matching, generous to the base model);
-* zero-shot box: a tight box around each organ on each held-out slice;
-* after adapting with each scope (decoder, lora, full) and prompt mode (none = automatic head, box):
-  the automatic head's class labels and/or box-prompted masks, with training time and adapter size.
+* zero-shot box: a tight box around each structure on each held-out slice;
+* after adapting with each scope (lora, decoder) in prompt mode none (the automatic head: its Dice, and
+  the seconds per slice of automatic segmentation of the whole volume, encoding included) and box (box
+  Dice), with the optimisation steps, training seconds and adapter size.
 
-Dice is per class over all held-out slices (automatic) or per object (box), averaged.
+Dice is per class over all held-out slices (automatic) or per object (box), averaged over classes/objects.
+The budget is in steps planned from the data, so the Dice does not depend on how busy the machine is;
+``--with-load`` runs every training again beside a competing CPU-bound process to show it (same Dice,
+more seconds). Rows are appended to ``OUT/finetune.jsonl`` as they finish; a second run skips the rows
+already there (delete the file to start over), and ``OUT/finetune.md`` / ``.json`` are rewritten after each row.
 
-    python -m benchmarks.finetune_bench [--datasets ct,mr] [--scopes decoder,lora,full] [--modes none,box]
+    napari-sam-ft bench finetune -- --cases ../shared/cases [--names mni152,lung1] [--scopes lora,decoder]
+        [--modes none,box] [--with-load] [--out docs/results]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import platform
 import sys
 import tempfile
 import time
@@ -29,15 +38,46 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# Organs both samples label (TotalSegmentator ids): spleen, right and left kidney, liver, stomach.
-DEFAULT_CLASSES = (1, 2, 3, 5, 6)
+SAMPLE_CLASSES = {1: "spleen", 2: "right kidney", 3: "left kidney", 5: "liver", 6: "stomach"}
 
 
-def annotated_slice_indices(num_slices: int, count: int) -> list[int]:
-    """``count`` slices spread evenly, a little away from the ends of the stack."""
-    return sorted({int(round(value)) for value in np.linspace(2, num_slices - 3, count)})
+# -- cases ----------------------------------------------------------------------------------------
+def load_cases(cases_dir: Path, names: list[str] | None):
+    """(name, image Volume, reference labels (Z, H, W) int32 with only the case's classes, class names)."""
+    from napari_sam_ft.sample import load_sample
+    from napari_sam_ft.volume import read_labels, read_volume
+
+    listing = cases_dir / "cases.json"
+    if not listing.is_file():
+        raise SystemExit(f"{listing} not found: give --cases the folder holding cases.json (../shared/cases)")
+    entries = [(entry["name"], entry) for entry in json.loads(listing.read_text())["cases"]]
+    entries += [("sample-ct", "ct"), ("sample-mr", "mr")]
+    for name, entry in entries:
+        if names and name not in names:
+            continue
+        if isinstance(entry, str):
+            sample = load_sample(entry)
+            image, labels, classes = sample.image, sample.labels.array, dict(SAMPLE_CLASSES)
+        else:
+            image = read_volume(cases_dir / entry["image"])
+            labels = read_labels(cases_dir / entry["labels"], like=image).array
+            classes = {int(key): value for key, value in entry["classes"].items()}
+        reference = np.where(np.isin(labels, list(classes)), labels, 0).astype(np.int32)
+        classes = {key: value for key, value in classes.items() if (reference == key).any()}
+        yield name, image, reference, classes
 
 
+def annotated_slices(reference: np.ndarray, class_ids, per_structure: int) -> list[int]:
+    """``per_structure`` slices spread through each structure's extent (away from its ends), all together."""
+    chosen: set[int] = set()
+    for class_id in class_ids:
+        present = np.flatnonzero((reference == class_id).reshape(reference.shape[0], -1).any(axis=1))
+        positions = np.linspace(0, len(present) - 1, per_structure + 2)[1:-1]
+        chosen.update(int(present[int(round(position))]) for position in positions)
+    return sorted(chosen)
+
+
+# -- scores ---------------------------------------------------------------------------------------
 def box_dice(predictor, reference: np.ndarray, slices: list[int], class_ids) -> float:
     """Mean Dice of the tight-box prompt of every (slice, class) object present in the reference."""
     from napari_sam_ft.engine.prompts import box_from_mask
@@ -53,123 +93,211 @@ def box_dice(predictor, reference: np.ndarray, slices: list[int], class_ids) -> 
     return float(np.mean(scores)) if scores else float("nan")
 
 
-def automatic_dice(predictor, reference: np.ndarray, slices: list[int], class_ids, spacing) -> float:
-    """Mean per-class Dice of automatic segmentation on ``slices`` (instances matched to classes if needed)."""
+def class_dice(labels: np.ndarray, reference: np.ndarray, class_ids) -> float:
+    """Mean over classes of the Dice over all given slices together."""
+    from napari_sam_ft.metrics import dice
+
+    return float(np.mean([dice(labels == class_id, reference == class_id) for class_id in class_ids]))
+
+
+def automatic_dice(predictor, reference: np.ndarray, slices: list[int], class_ids) -> float:
+    """Automatic segmentation of ``slices`` scored against the reference (instances matched to classes)."""
     from napari_sam_ft.engine.automatic import match_instances_to_classes, segment_volume
-    from napari_sam_ft.metrics import score_labels
 
     labels = segment_volume(predictor, slice_indices=slices)[slices]
-    held_reference = reference[slices]
     if predictor.model.class_head is None:
-        labels = match_instances_to_classes(labels, held_reference)
-    return float(score_labels(labels, held_reference, spacing, class_ids=class_ids, with_hd95=False)["dice"])
+        labels = match_instances_to_classes(labels, reference[slices])
+    return class_dice(labels, reference[slices], class_ids)
 
 
-def run_dataset(name: str, args, model, rows: list[dict]) -> None:
+def whole_volume_seconds_per_slice(model, image) -> float:
+    """Automatic segmentation of every slice with the active adapter, encoding included (fresh cache)."""
+    from napari_sam_ft.engine.automatic import segment_volume
     from napari_sam_ft.engine.cache import EmbeddingCache
     from napari_sam_ft.engine.predictor import VolumePredictor
-    from napari_sam_ft.finetune import (TrainSettings, VolumeAnnotations, build_training_data, load_adapter,
-                                        train_adapter, unload_adapter)
-    from napari_sam_ft.sample import load_sample
 
-    sample = load_sample(name)
-    reference = np.where(np.isin(sample.labels.array, args.classes), sample.labels.array, 0).astype(np.int32)
-    num_slices = reference.shape[0]
-    annotated = annotated_slice_indices(num_slices, args.slices)
-    held_out = [z for z in range(num_slices) if z not in annotated]
-    painted = np.zeros_like(reference)
-    painted[annotated] = reference[annotated]
-    class_ids = [class_id for class_id in args.classes if (reference[held_out] == class_id).any()]
-    print(f"\n{name.upper()}: annotated slices {annotated}, {len(held_out)} held-out slices, classes "
-          f"{', '.join(sample.class_names.get(c, str(c)) for c in class_ids)}", file=sys.stderr, flush=True)
-
-    def score(kind: str) -> dict:
-        predictor = VolumePredictor(model, sample.image, cache=EmbeddingCache())
-        result = {}
-        if kind in ("none", "both"):
-            result["automatic"] = automatic_dice(predictor, reference, held_out, class_ids, sample.image.spacing)
-        if kind in ("box", "both"):
-            result["box"] = box_dice(predictor, reference, held_out, class_ids)
-        return result
-
+    predictor = VolumePredictor(model, image, cache=EmbeddingCache())
     started = time.perf_counter()
-    zero_shot = score("both")
-    rows.append({"dataset": name, "scope": "zero-shot", "prompt": "-", **zero_shot,
-                 "train_s": None, "adapter_mb": None, "trainable": None, "stopped": "",
-                 "score_s": round(time.perf_counter() - started, 1)})
-    print_row(rows[-1])
-    data = build_training_data([VolumeAnnotations(sample.image, painted, name)], class_names=sample.class_names)
-    for scope in args.scopes:
-        for mode in args.modes:
-            with tempfile.TemporaryDirectory() as folder:
-                settings = TrainSettings(scope=scope, prompt_mode=mode, time_budget_s=args.time_budget,
-                                         seed=args.seed)
-                result = train_adapter(model, data, Path(folder) / "adapter", settings)
-                load_adapter(model, result.adapter_dir)
-                try:
-                    started = time.perf_counter()
-                    scores = score("both" if mode == "mixed" else mode)
-                finally:
-                    unload_adapter(model)
-            rows.append({"dataset": name, "scope": scope, "prompt": mode, **scores, "train_s": round(result.seconds, 1),
-                         "adapter_mb": round(result.adapter_bytes / 2**20, 2), "trainable": result.trainable_parameters,
-                         "stopped": result.stopped, "steps": result.steps,
-                         "val_before": result.val_dice_before, "val_after": result.val_dice_after,
-                         "score_s": round(time.perf_counter() - started, 1)})
-            print_row(rows[-1])
+    segment_volume(predictor)
+    return (time.perf_counter() - started) / image.num_slices
+
+
+# -- load -----------------------------------------------------------------------------------------
+def _spin() -> None:
+    value = 0
+    while True:
+        value = (value * 1103515245 + 12345) % 2**31
+
+
+class CompetingLoad:
+    """One CPU-bound process beside the benchmark, as another program on a laptop."""
+
+    def __enter__(self):
+        self.process = multiprocessing.get_context("spawn").Process(target=_spin, daemon=True)
+        self.process.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.process.terminate()
+        self.process.join()
+
+
+# -- rows -----------------------------------------------------------------------------------------
+def row_key(row: dict) -> tuple:
+    return row["case"], row["load"], row["scope"], row["prompt"]
 
 
 def fmt(value, digits: int = 3) -> str:
-    if value is None:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
         return "-"
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
-HEADER = ("| volume | scope | prompt mode | automatic Dice | box Dice | train s | steps | adapter MB | trainable "
-          "params | stopped |\n|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| case | load | scope | prompt mode | automatic Dice | box Dice | steps (done/planned) | stopped | train s "
+          "| adapter MB | auto s/slice (whole volume) |\n|---|---|---|---|---|---|---|---|---|---|---|")
 
 
-def print_row(row: dict) -> None:
-    print(f"| {row['dataset']} | {row['scope']} | {row['prompt']} | {fmt(row.get('automatic'))} | "
-          f"{fmt(row.get('box'))} | {fmt(row.get('train_s'), 0)} | {fmt(row.get('steps'))} | "
-          f"{fmt(row.get('adapter_mb'), 2)} | {fmt(row.get('trainable'))} | {row.get('stopped', '')} |", flush=True)
+def table_row(row: dict) -> str:
+    steps = f"{row['steps']}/{row['steps_planned']}" if row.get("steps") is not None else "-"
+    return (f"| {row['case']} | {row['load']} | {row['scope']} | {row['prompt']} | {fmt(row.get('automatic'))} | "
+            f"{fmt(row.get('box'))} | {steps} | {row.get('stopped') or '-'} | {fmt(row.get('train_s'), 0)} | "
+            f"{fmt(row.get('adapter_mb'), 2)} | {fmt(row.get('auto_s_per_slice'), 2)} |")
+
+
+def machine() -> dict:
+    import torch
+
+    from napari_sam_ft.devices import autocast_dtype, dtype_name
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "cpu": cpu, "torch_threads": torch.get_num_threads(),
+            "encoder_precision": dtype_name(autocast_dtype(torch.device("cpu")))}
+
+
+def write_tables(out: Path, rows: list[dict], about: dict) -> None:
+    (out / "finetune.json").write_text(json.dumps({"machine": about, "rows": rows}, indent=1, default=str))
+    lines = ["# Few-shot fine-tuning on real scans", "",
+             f"{about['date']}, {about['cpu']}, {about['torch_threads']} torch threads, encoder precision "
+             f"{about['encoder_precision']}. 5 annotated slices per structure; every other labelled slice held "
+             "out and scored. Command: `napari-sam-ft bench finetune -- --cases ../shared/cases`.", "", HEADER]
+    lines += [table_row(row) for row in rows]
+    (out / "finetune.md").write_text("\n".join(lines) + "\n")
+
+
+def run_case(name, image, reference, classes, args, model, done: dict, record) -> None:
+    from napari_sam_ft.engine.cache import EmbeddingCache
+    from napari_sam_ft.engine.predictor import VolumePredictor
+    from napari_sam_ft.finetune import (TrainSettings, VolumeAnnotations, build_training_data, load_adapter,
+                                        train_adapter, unload_adapter)
+
+    class_ids = sorted(classes)
+    annotated = annotated_slices(reference, class_ids, args.slices)
+    labelled = np.flatnonzero(reference.reshape(reference.shape[0], -1).any(axis=1))
+    held_out = [int(z) for z in labelled if z not in annotated]
+    painted = np.zeros_like(reference)
+    painted[annotated] = reference[annotated]
+    print(f"\n{name}: {image.shape}, classes {classes}, annotated slices {annotated}, {len(held_out)} held out",
+          file=sys.stderr, flush=True)
+    base = {"case": name, "classes": classes, "annotated": annotated, "held_out": len(held_out)}
+
+    def predictor():
+        return VolumePredictor(model, image, cache=EmbeddingCache())
+
+    if ("-", "zero-shot", "-") not in done:
+        started = time.perf_counter()
+        scores = {"box": box_dice(predictor(), reference, held_out, class_ids)}
+        if not args.skip_zero_shot_automatic:
+            scores["automatic"] = automatic_dice(predictor(), reference, held_out, class_ids)
+        record({**base, "load": "-", "scope": "zero-shot", "prompt": "-", **scores,
+                "score_s": round(time.perf_counter() - started, 1)})
+    data = build_training_data([VolumeAnnotations(image, painted, name)], class_names=classes)
+    for load in ("quiet", "busy") if args.with_load else ("quiet",):
+        for scope in args.scopes:
+            for mode in args.modes:
+                if (load, scope, mode) in done:
+                    continue
+                settings = TrainSettings(scope=scope, prompt_mode=mode, seed=args.seed,
+                                         decoder_steps=args.decoder_steps, encoder_steps=args.encoder_steps,
+                                         views_per_slice=args.views)
+                with tempfile.TemporaryDirectory() as folder:
+                    if load == "busy":
+                        with CompetingLoad():
+                            result = train_adapter(model, data, Path(folder) / "adapter", settings)
+                    else:
+                        result = train_adapter(model, data, Path(folder) / "adapter", settings)
+                    load_adapter(model, result.adapter_dir)
+                    try:
+                        started = time.perf_counter()
+                        scores = {}
+                        if mode == "none":
+                            scores["automatic"] = automatic_dice(predictor(), reference, held_out, class_ids)
+                            if not args.skip_timing:
+                                scores["auto_s_per_slice"] = whole_volume_seconds_per_slice(model, image)
+                        else:
+                            scores["box"] = box_dice(predictor(), reference, held_out, class_ids)
+                    finally:
+                        unload_adapter(model)
+                record({**base, "load": load, "scope": scope, "prompt": mode, **scores,
+                        "train_s": round(result.seconds, 1), "adapter_mb": round(result.adapter_bytes / 2**20, 2),
+                        "steps": result.steps, "steps_planned": result.steps_planned, "stopped": result.stopped,
+                        "adapter_id": result.adapter_id, "val_before": result.val_dice_before,
+                        "val_after": result.val_dice_after, "score_s": round(time.perf_counter() - started, 1)})
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="napari-sam-ft bench finetune", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--datasets", default="ct,mr", help="sample volumes (ct, mr)")
-    parser.add_argument("--scopes", default="decoder,lora,full")
+    parser.add_argument("--cases", type=Path, default=Path("../shared/cases"), help="folder with cases.json")
+    parser.add_argument("--names", default="", help="only these cases (e.g. mni152,lung1,sample-ct)")
+    parser.add_argument("--scopes", default="lora,decoder")
     parser.add_argument("--modes", default="none,box", help="prompt modes to train (none, box, point, mixed)")
-    parser.add_argument("--slices", type=int, default=5, help="annotated slices to train on")
-    parser.add_argument("--classes", default=",".join(map(str, DEFAULT_CLASSES)), help="label ids to learn")
-    parser.add_argument("--time-budget", type=float, default=240.0, help="seconds per training run")
+    parser.add_argument("--slices", type=int, default=5, help="annotated slices per structure")
+    parser.add_argument("--decoder-steps", type=int, default=None, help="default: planned from the data")
+    parser.add_argument("--encoder-steps", type=int, default=None, help="default: planned from the data")
+    parser.add_argument("--views", type=int, default=6, help="augmented views per training slice")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument("--with-load", action="store_true", help="train every row again beside a CPU-bound process")
+    parser.add_argument("--skip-zero-shot-automatic", action="store_true", help="skip the slowest zero-shot row")
+    parser.add_argument("--skip-timing", action="store_true", help="skip the whole-volume automatic timing")
+    parser.add_argument("--out", type=Path, default=Path("docs/results"), help="folder for finetune.{jsonl,md,json}")
     args = parser.parse_args(argv)
-    args.datasets = [value for value in args.datasets.split(",") if value]
+    args.names = [value for value in args.names.split(",") if value]
     args.scopes = [value for value in args.scopes.split(",") if value]
     args.modes = [value for value in args.modes.split(",") if value]
-    args.classes = [int(value) for value in args.classes.split(",") if value]
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    import torch
-
-    from napari_sam_ft.devices import autocast_dtype, dtype_name
     from napari_sam_ft.models.registry import load_model
 
     args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    journal = args.out / "finetune.jsonl"
+    rows = [json.loads(line) for line in journal.read_text().splitlines() if line.strip()] if journal.exists() else []
+    about = machine()
     model = load_model()
-    print(f"model {model.model_id}, device {model.device}, encoder precision "
-          f"{dtype_name(autocast_dtype(model.device))}, {torch.get_num_threads()} torch threads, "
-          f"time budget {args.time_budget:g} s per run", flush=True)
+    print(f"model {model.model_id}; {about}", flush=True)
     print(HEADER, flush=True)
-    rows: list[dict] = []
-    for name in args.datasets:
-        run_dataset(name, args, model, rows)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1, default=str))
+    for row in rows:
+        print(table_row(row), flush=True)
+
+    def record(row: dict) -> None:
+        rows.append(row)
+        with journal.open("a") as handle:
+            handle.write(json.dumps(row, default=str) + "\n")
+        write_tables(args.out, rows, about)
+        print(table_row(row), flush=True)
+
+    for name, image, reference, classes in load_cases(args.cases, args.names):
+        done = {row_key(row)[1:] for row in rows if row["case"] == name}
+        try:
+            run_case(name, image, reference, classes, args, model, done, record)
+        except Exception as error:  # noqa: BLE001 - one broken case must not lose the others' rows
+            print(f"{name}: FAILED ({type(error).__name__}: {error})", file=sys.stderr, flush=True)
     return 0
 
 

@@ -43,8 +43,8 @@ def engine_validation_scores(model, ct, data, modes):
 
 
 def tiny_settings(**overrides) -> TrainSettings:
-    values = dict(scope="decoder", prompt_mode="mixed", views_per_slice=1, decoder_epochs=2, epochs=1, batch_size=2,
-                  time_budget_s=None, patience=100, max_objects_per_slice=1)
+    values = dict(scope="decoder", prompt_mode="mixed", views_per_slice=1, decoder_steps=2, encoder_steps=1,
+                  batch_size=2, patience=100, max_objects_per_slice=1)
     values.update(overrides)
     return TrainSettings(**values)
 
@@ -93,12 +93,15 @@ def test_train_adapter_saves_a_working_adapter_and_leaves_the_model_alone(model,
     events = []
     result = train_adapter(model, data, tmp_path / "adapter", tiny_settings(),
                            progress=lambda step, total, metrics: events.append((step, total, metrics)))
-    assert result.adapter_dir is not None and result.steps == 2 and result.stopped == "epochs"
+    assert result.adapter_dir is not None and result.steps == 2 and result.stopped == "steps"
     assert set(result.val_dice_before) == {"box", "none"} and set(result.val_dice_after) == {"box", "none"}
     assert result.val_dice_before["box"] > 0.5  # zero-shot box prompts already work on the CT
     assert result.trainable_parameters > sum(p.numel() for p in model.sam.mask_decoder.parameters())
     phases = [metrics["phase"] for _, _, metrics in events]
-    assert phases[0] == "encoding" and "start" in phases and phases[-1] == "decoder"
+    assert phases[0] == "encoding" and phases.index("start") < phases.index("planned") and phases[-1] == "decoder"
+    planned = next(metrics for _, _, metrics in events if metrics["phase"] == "planned")
+    assert planned["decoder_steps"] == 2 and planned["encoder_steps"] == 0 and planned["estimate_s"] > 0
+    assert all(total == 2 and metrics["eta_s"] >= 0 for _, total, metrics in events)
     assert all(0.0 <= metrics["fraction"] <= 1.0 for _, _, metrics in events)
     assert model.adapter_id == "none"
     for name, value in model.sam.state_dict().items():
@@ -120,7 +123,7 @@ def test_train_adapter_saves_a_working_adapter_and_leaves_the_model_alone(model,
 
 def test_lora_run_tunes_the_encoder_and_the_engine_reproduces_its_validation(model, data, ct, tmp_path):
     phases = set()
-    settings = tiny_settings(scope="lora", prompt_mode="none", decoder_epochs=1, epochs=1)
+    settings = tiny_settings(scope="lora", prompt_mode="none", decoder_steps=1, encoder_steps=1)
     result = train_adapter(model, data, tmp_path / "lora", settings,
                            progress=lambda step, total, metrics: phases.add(metrics["phase"]))
     assert {"decoder", "encoder"} <= phases and result.steps == 2
@@ -137,7 +140,7 @@ def test_lora_run_tunes_the_encoder_and_the_engine_reproduces_its_validation(mod
 
 
 def test_point_prompt_training(model, data, tmp_path):
-    result = train_adapter(model, data, tmp_path / "point", tiny_settings(prompt_mode="point", decoder_epochs=1))
+    result = train_adapter(model, data, tmp_path / "point", tiny_settings(prompt_mode="point", decoder_steps=1))
     # LiteMedSAM was trained with boxes: one click gives almost nothing before tuning. The best weights
     # are kept, so the stored validation Dice never drops below the starting one.
     assert set(result.val_dice_after) == {"point"}
@@ -155,14 +158,15 @@ def test_cancel_mid_epoch_keeps_the_best_adapter_so_far(model, data, ct, tmp_pat
         if "val_dice" in metrics:
             validations.append(metrics["val_dice"])
 
-    # 2 training slices x 2 views = 4 views = 4 steps per decoder epoch at batch 1; cancel in epoch 2.
-    settings = tiny_settings(views_per_slice=2, batch_size=1, decoder_epochs=5, prompt_mode="none")
+    # Validation every 4 steps; cancel after step 6, before the second validation.
+    settings = tiny_settings(views_per_slice=2, batch_size=1, decoder_steps=20, validate_every=4, prompt_mode="none")
     result = train_adapter(model, data, tmp_path / "cancelled", settings, progress=progress,
                            should_cancel=lambda: max(steps, default=0) >= 6)
     assert result.cancelled
     assert result.steps == 6  # stopped before the next step
     assert result.adapter_dir is not None
-    assert len(validations) == 2  # before training and after epoch 1
+    assert len(validations) == 2  # before training and after step 4
+    assert "STOPPED EARLY (cancelled) after 6 of 20 planned steps" in result.warning
     assert result.val_dice_after["none"] == pytest.approx(max(validations))
     info = load_adapter(model, result.adapter_dir)
     try:
@@ -183,3 +187,62 @@ def test_settings_are_checked(model, data, tmp_path):
         train_adapter(model, data, tmp_path / "x", TrainSettings(scope="everything"))
     with pytest.raises(ValueError, match="prompt mode"):
         train_adapter(model, data, tmp_path / "x", TrainSettings(prompt_mode="scribble"))
+
+
+def _adapter_tensors(adapter_dir):
+    from safetensors.torch import load_file
+
+    return {path.name: load_file(str(path)) for path in sorted(adapter_dir.glob("*.safetensors"))}
+
+
+def test_same_seed_and_steps_give_a_bitwise_identical_adapter_on_a_slower_machine(model, data, tmp_path):
+    import time
+
+    settings = tiny_settings(prompt_mode="mixed", views_per_slice=2, decoder_steps=4, validate_every=2)
+    first = train_adapter(model, data, tmp_path / "quiet", settings)
+    # The second run is slowed down at every step, as a busy CPU would: the budget is steps, so nothing changes.
+    second = train_adapter(model, data, tmp_path / "busy", settings,
+                           progress=lambda step, total, metrics: time.sleep(0.05))
+    assert first.steps == second.steps == 4 and first.stopped == second.stopped == "steps"
+    quiet, busy = _adapter_tensors(first.adapter_dir), _adapter_tensors(second.adapter_dir)
+    assert quiet.keys() == busy.keys() and quiet
+    for name in quiet:
+        assert quiet[name].keys() == busy[name].keys()
+        for key in quiet[name]:
+            assert torch.equal(quiet[name][key], busy[name][key]), (name, key)
+    assert first.adapter_id == second.adapter_id
+    assert first.val_dice_after == second.val_dice_after
+    different = train_adapter(model, data, tmp_path / "seed1", tiny_settings(
+        prompt_mode="mixed", views_per_slice=2, decoder_steps=4, validate_every=2, seed=1))
+    assert different.adapter_id != first.adapter_id
+
+
+def test_a_time_limit_stops_loudly_and_is_recorded(model, data, tmp_path, monkeypatch):
+    from napari_sam_ft.finetune import train as train_module
+
+    # A clock that jumps by an hour once the first step is reported: the limit is hit, whatever the machine.
+    real_clock = train_module.time.perf_counter
+    offset = [0.0]
+    monkeypatch.setattr(train_module.time, "perf_counter", lambda: real_clock() + offset[0])
+
+    def progress(step, total, metrics):
+        if step == 1:
+            offset[0] = 3600.0
+
+    settings = tiny_settings(decoder_steps=10, time_limit_s=1800.0)
+    result = train_adapter(model, data, tmp_path / "limited", settings, progress=progress)
+    assert result.stopped == "time_limit" and result.steps == 1 and result.steps_planned == 10
+    assert "STOPPED EARLY (time limit) after 1 of 10 planned steps" in result.warning
+    assert "9 more steps" in result.warning
+    metadata = json.loads((result.adapter_dir / METADATA_FILE).read_text())["training"]
+    assert metadata["stopped"] == "time_limit" and metadata["steps_done"] == 1 and metadata["steps_planned"] == 10
+    assert metadata["more_steps_needed"] == 9
+
+
+def test_steps_are_planned_from_the_data():
+    from napari_sam_ft.finetune.train import plan_steps
+
+    small, small_encoder = plan_steps(2, 1, "lora")
+    large, large_encoder = plan_steps(8, 3, "lora")
+    assert 150 <= small < large <= 600 and 12 <= small_encoder < large_encoder <= 60
+    assert plan_steps(5, 3, "decoder")[1] == 0

@@ -106,8 +106,51 @@ def test_simulated_prompts_fit_the_mask(ct):
     width, height = np.ptp(cols) + 1, np.ptp(rows) + 1
     for _ in range(20):
         x0, y0, x1, y1 = jittered_box(mask, rng)
-        assert 0 <= x0 <= x1 < mask.shape[1] and 0 <= y0 <= y1 < mask.shape[0]
-        assert abs(x0 - cols.min()) <= 0.1 * width + 5 and abs(y1 - rows.max()) <= 0.1 * height + 5
+        assert 0 <= x0 <= x1 <= mask.shape[1] and 0 <= y0 <= y1 <= mask.shape[0]
+        assert abs(x0 - cols.min()) <= 0.1 * width + 5 and abs(y1 - (rows.max() + 1)) <= 0.1 * height + 5
         coords, labels = sampled_points(mask, rng)
+        np.testing.assert_array_equal(coords % 1, 0.5)  # pixel centres, as clicks reach the model
         for (x, y), label in zip(coords.astype(int), labels):
             assert mask[y, x] == bool(label)
+
+
+def test_training_prompts_are_the_prompts_inference_gets(ct):
+    """Simulated prompts use the engine's continuous pixel convention, and the training decoder path gives
+    the mask the engine's predictor gives for the same prompt (real LiteMedSAM forward passes)."""
+    import torch
+
+    from napari_sam_ft.engine.predictor import VolumePredictor
+    from napari_sam_ft.engine.prompts import box_from_mask, points_zyx_to_prompts
+    from napari_sam_ft.finetune.validation import decode_prompts
+    from napari_sam_ft.metrics import dice
+    from napari_sam_ft.models.registry import load_model
+
+    mask = ct.labels.array[15] == 5
+    # No jitter, no margin: exactly the engine's tight box, far edges one past the last pixel.
+    box = jittered_box(mask, np.random.default_rng(0), jitter=0.0, max_margin_px=0.0)
+    np.testing.assert_array_equal(box, box_from_mask(mask))
+    rows, cols = np.nonzero(mask)
+    assert box[2] == cols.max() + 1 and box[3] == rows.max() + 1
+    # A sampled click is where a napari click on that pixel lands (napari puts pixel centres at integers).
+    coords, labels = sampled_points(mask, np.random.default_rng(1), max_negative=0)
+    x, y = coords[0]
+    clicked = points_zyx_to_prompts(np.array([[15, int(y), int(x)]], np.float32), np.array([True]))[0]
+    np.testing.assert_array_equal(clicked.points[0], coords[0])
+
+    model = load_model()
+    predictor = VolumePredictor(model, ct.image)
+    height, width = mask.shape
+    with torch.no_grad():
+        training_logits = decode_prompts(model.sam, model.preprocessing, predictor.embedding(15), height, width,
+                                         boxes_xyxy=box[None])
+        training_click = decode_prompts(model.sam, model.preprocessing, predictor.embedding(15), height, width,
+                                        points_xy=coords[None, :1], point_labels=labels[None, :1])
+    inference_masks, _ = predictor.predict_boxes(box[None], slice_index=15)
+    assert inference_masks[0].sum() > 100
+    # The engine decodes with its fast decoder (same weights, same arithmetic up to rounding): the masks
+    # differ by a few border pixels at most, and the logits by rounding.
+    assert dice(training_logits[0, 0].numpy() > 0, inference_masks[0]) > 0.99
+    click_logits, _, _ = predictor.decode(15, clicked.points[None], clicked.point_labels[None].astype(np.float32),
+                                          None, None, False)
+    difference = (training_click[0, 0] - click_logits[0, 0].float()).abs().max()
+    assert difference < 0.05 * float(click_logits[0, 0].abs().max()), difference

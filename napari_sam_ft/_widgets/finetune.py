@@ -15,7 +15,7 @@ from pathlib import Path
 
 from napari.layers import Image, Labels
 from napari.qt.threading import thread_worker
-from napari.utils.notifications import show_error, show_info
+from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QObject, Qt, Signal
 from qtpy.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QLabel, QLineEdit, QListWidget,
                             QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget)
@@ -80,6 +80,7 @@ class FinetuneWidget(QWidget):
         # id(labels layer) -> (training slices, validation slices) of the last run
         self._last_split: dict[int, tuple[list[int], list[int]]] = {}
         self._correction_runs = 0
+        self.dice_before = float("nan")  # held-out Dice of the base model in the current run
         self._build_ui()
 
     # -- layout -----------------------------------------------------------------------------------
@@ -106,18 +107,20 @@ class FinetuneWidget(QWidget):
         self.prompt_combo = QComboBox()
         for mode in PROMPT_MODES[::-1]:  # mixed first
             self.prompt_combo.addItem(PROMPT_LABELS[mode], mode)
-        defaults = TrainSettings()
-        self.epochs_spin = QSpinBox()
-        self.epochs_spin.setRange(1, 1000)
-        self.epochs_spin.setValue(defaults.epochs)
-        self.epochs_spin.setToolTip("passes over the training slices with the encoder tuned (decoder scope: passes "
-                                    "over the cached views)")
+        self.steps_spin = QSpinBox()
+        self.steps_spin.setRange(0, 100_000)
+        self.steps_spin.setSingleStep(50)
+        self.steps_spin.setSpecialValueText("planned from the annotations")
+        self.steps_spin.setValue(0)
+        self.steps_spin.setToolTip("optimisation steps on cached embeddings; the same steps and seed give the same "
+                                   "adapter however busy the computer is")
         self.budget_spin = QSpinBox()
         self.budget_spin.setRange(0, 24 * 3600)
         self.budget_spin.setSingleStep(30)
         self.budget_spin.setSuffix(" s")
         self.budget_spin.setSpecialValueText("no limit")
-        self.budget_spin.setValue(int(defaults.time_budget_s))
+        self.budget_spin.setValue(0)
+        self.budget_spin.setToolTip("optional: stop after this long (the result then says it stopped early)")
         self.output_edit = QLineEdit()
         self.output_edit.setPlaceholderText("~/napari-sam-ft/adapters/<image>-<scope>-<time>")
         browse = QPushButton("…")
@@ -151,8 +154,8 @@ class FinetuneWidget(QWidget):
         form.addRow("validation", self.validation_edit)
         form.addRow("scope", self.scope_combo)
         form.addRow("prompt mode", self.prompt_combo)
-        form.addRow("epochs", self.epochs_spin)
-        form.addRow("time budget", self.budget_spin)
+        form.addRow("steps", self.steps_spin)
+        form.addRow("time limit", self.budget_spin)
         form.addRow("output", widget_row(self.output_edit, browse))
         layout = QVBoxLayout(self)
         layout.addLayout(form)
@@ -198,10 +201,9 @@ class FinetuneWidget(QWidget):
         return pairs
 
     def settings(self) -> TrainSettings:
-        scope = self.scope_combo.currentText()
-        epochs = {"decoder_epochs": self.epochs_spin.value()} if scope == "decoder" else {"epochs": self.epochs_spin.value()}
-        values = dict(scope=scope, prompt_mode=self.prompt_combo.currentData(),
-                      time_budget_s=float(self.budget_spin.value()) or None, **epochs)
+        values = dict(scope=self.scope_combo.currentText(), prompt_mode=self.prompt_combo.currentData(),
+                      decoder_steps=self.steps_spin.value() or None,
+                      time_limit_s=float(self.budget_spin.value()) or None)
         values.update(self.extra_settings)
         return TrainSettings(**values)
 
@@ -250,8 +252,15 @@ class FinetuneWidget(QWidget):
         self.progress_bar.setValue(0)
         self.result_label.setText("")
         self.status_label.setText(f"preparing: {data.describe()}")
+        self.status_label.setStyleSheet("")
+        self.dice_before = float("nan")
         self._set_running(True)
         base_model = self._model or self._segment_model()
+        # ``data`` holds copies of the annotated slices: edits made while this run trains are not in it,
+        # so they are counted as corrections for the next run from this moment on.
+        for layer in labels_layers:
+            self.tracker.snapshot(layer)
+            self._last_split[id(layer)] = used_slices[id(layer)]
 
         def work() -> TrainingResult:
             from ..models.registry import load_model
@@ -261,14 +270,8 @@ class FinetuneWidget(QWidget):
             return train_adapter(model, data, output, settings, progress=self._relay.progressed.emit,
                                  should_cancel=self._cancel.is_set)
 
-        def finished(result: TrainingResult) -> None:
-            for layer in labels_layers:  # corrections are counted from this adapt on
-                self.tracker.snapshot(layer)
-                self._last_split[id(layer)] = used_slices[id(layer)]
-            self._show_result(result)
-
         self._worker = thread_worker(work, start_thread=False)()
-        self._worker.returned.connect(finished)
+        self._worker.returned.connect(self._show_result)
         self._worker.errored.connect(self._on_error)
         self._worker.start()
 
@@ -294,14 +297,21 @@ class FinetuneWidget(QWidget):
         if phase == "encoding":
             self.status_label.setText(f"encoding views {metrics['encoded']}/{metrics['to_encode']}")
             return
+        if phase == "planned":
+            self.status_label.setText(f"plan: {total} steps ({metrics['decoder_steps']} decoder + "
+                                      f"{metrics['encoder_steps']} encoder), estimated {metrics['estimate_s']:.0f} s")
+            return
         if "val_dice" in metrics:
             self.plot.add_validation(step, metrics["val_dice"])
+            if phase == "start":
+                self.dice_before = metrics["val_dice"]
         elif "loss" in metrics:
             self.plot.add_loss(step, metrics["loss"])
         best = metrics.get("best_val_dice")
-        best_text = f", best val Dice {best:.3f}" if best is not None else ""
+        best_text = f", held-out Dice {self.dice_before:.3f} → {best:.3f}" if best is not None else ""
         loss_text = f", loss {metrics['loss']:.3f}" if "loss" in metrics else ""
-        self.status_label.setText(f"{phase} step {step}{loss_text}{best_text} ({metrics.get('elapsed_s', 0):.0f} s)")
+        self.status_label.setText(f"{phase} step {step}/{total}{loss_text}{best_text}, ETA "
+                                  f"{metrics.get('eta_s', 0):.0f} s ({metrics.get('elapsed_s', 0):.0f} s so far)")
 
     def _show_result(self, result: TrainingResult) -> None:
         self.result = result
@@ -313,8 +323,11 @@ class FinetuneWidget(QWidget):
         changes = ", ".join(f"{'automatic' if mode == 'none' else mode} "
                             f"{result.val_dice_before.get(mode, float('nan')):.2f} → {after:.2f}"
                             for mode, after in result.val_dice_after.items())
-        self.status_label.setText(f"{'cancelled' if result.cancelled else 'done'} ({result.stopped}) after "
-                                  f"{result.steps} steps in {result.seconds:.0f} s")
+        self.status_label.setText(result.warning or f"done ({result.stopped}) after {result.steps} of "
+                                  f"{result.steps_planned} planned steps in {result.seconds:.0f} s")
+        if result.warning:
+            self.status_label.setStyleSheet("color: #e0a030; font-weight: bold")
+            show_warning(result.warning)
         self.result_label.setText(f"validation Dice: {changes}\nadapter {result.adapter_id} "
                                   f"({result.adapter_bytes / 2**20:.1f} MB, {result.trainable_parameters:,} trained "
                                   f"parameters) in {result.adapter_dir}")

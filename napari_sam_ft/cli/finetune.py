@@ -38,13 +38,14 @@ def register(subparsers) -> None:
                         "full: every weight")
     parser.add_argument("--prompt", choices=PROMPT_MODES, default=defaults.prompt_mode,
                         help="box/point: simulated prompts; none: an automatic per-class head; mixed: both (default)")
-    parser.add_argument("--epochs", type=int, default=defaults.epochs,
-                        help=f"encoder-phase epochs for lora/full (default {defaults.epochs})")
-    parser.add_argument("--decoder-epochs", type=int, default=defaults.decoder_epochs,
-                        help=f"passes over the cached views with the encoder frozen (default {defaults.decoder_epochs})")
-    parser.add_argument("--time-budget", type=float, default=defaults.time_budget_s, metavar="SECONDS",
-                        help=f"stop after this long, keeping the best adapter (default {defaults.time_budget_s:g}; "
-                        "0 = epochs only)")
+    parser.add_argument("--decoder-steps", type=int, default=None, metavar="N",
+                        help="optimisation steps on cached embeddings (default: planned from the number of "
+                        "annotated slices and classes)")
+    parser.add_argument("--encoder-steps", type=int, default=None, metavar="N",
+                        help="steps with the encoder tuned, lora/full only (default: planned from the data; 0: none)")
+    parser.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                        help="optional wall-clock limit: stops early and says so (the adapter's metadata records "
+                        "stopped: time_limit). Without it a busy CPU gives the same adapter, only later")
     parser.add_argument("--rank", type=int, default=defaults.lora.rank, help="LoRA rank")
     parser.add_argument("--alpha", type=float, default=defaults.lora.alpha, help="LoRA alpha")
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default: by scope)")
@@ -91,6 +92,21 @@ def _slice_lists(values: list[str] | None, volumes, what: str):
     return [parse_slice_list(text, volume.num_slices) for text, volume in zip(values, volumes)]
 
 
+def print_progress(bar, step: int, total: int, metrics: dict) -> None:
+    """One progress event on a tqdm bar counting steps: the plan and its estimate once, then ETA and Dice."""
+    if metrics.get("phase") == "planned":
+        bar.write(f"plan: {metrics['decoder_steps']} decoder-phase + {metrics['encoder_steps']} encoder-phase steps, "
+                  f"estimated {metrics['estimate_s']:.0f} s on this machine now", file=sys.stderr)
+    bar.total = total
+    bar.n = step
+    postfix = {"phase": metrics.get("phase", ""), "ETA": f"{metrics.get('eta_s', 0):.0f} s"}
+    if "loss" in metrics:
+        postfix["loss"] = f"{metrics['loss']:.3f}"
+    if "best_val_dice" in metrics:
+        postfix["best val Dice"] = f"{metrics['best_val_dice']:.3f}"
+    bar.set_postfix(postfix, refresh=True)
+
+
 def run_finetune(args) -> int:
     from tqdm import tqdm
 
@@ -114,8 +130,8 @@ def run_finetune(args) -> int:
                                validation_slices=_slice_lists(args.val_slices, volumes, "--val-slices"),
                                classes=_parse_ids(args.classes) if args.classes else None,
                                class_names=_parse_class_names(args.class_names))
-    settings = TrainSettings(scope=args.scope, prompt_mode=args.prompt, epochs=args.epochs,
-                             decoder_epochs=args.decoder_epochs, time_budget_s=args.time_budget or None,
+    settings = TrainSettings(scope=args.scope, prompt_mode=args.prompt, decoder_steps=args.decoder_steps,
+                             encoder_steps=args.encoder_steps, time_limit_s=args.time_limit or None,
                              batch_size=args.batch_size, views_per_slice=args.views, learning_rate=args.lr,
                              seed=args.seed, precision=args.precision,
                              lora=LoraSettings(rank=args.rank, alpha=args.alpha))
@@ -133,15 +149,10 @@ def run_finetune(args) -> int:
         interrupted.append(True)
         print("\nstopping after this step; the best adapter so far is kept (Ctrl-C again to abort)", file=sys.stderr)
 
-    with tqdm(total=100, desc="fine-tuning", unit="%", file=sys.stderr, bar_format="{l_bar}{bar}| {elapsed} {postfix}") as bar:
+    with tqdm(total=sum(settings.planned_steps(data)), desc="fine-tuning",
+              unit="step", file=sys.stderr, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} steps {postfix}") as bar:
         def progress(step: int, total: int, metrics: dict) -> None:
-            bar.n = int(round(100 * metrics.get("fraction", 0.0)))
-            postfix = {"phase": metrics.get("phase", "")}
-            if "loss" in metrics:
-                postfix["loss"] = f"{metrics['loss']:.3f}"
-            if "best_val_dice" in metrics:
-                postfix["best val Dice"] = f"{metrics['best_val_dice']:.3f}"
-            bar.set_postfix(postfix, refresh=True)
+            print_progress(bar, step, total, metrics)
 
         signal.signal(signal.SIGINT, on_interrupt)
         try:
@@ -149,12 +160,14 @@ def run_finetune(args) -> int:
                                    should_cancel=lambda: bool(interrupted))
         finally:
             signal.signal(signal.SIGINT, previous_handler)
+    if result.warning:
+        print(f"WARNING: {result.warning}", file=sys.stderr)
     if result.adapter_dir is None:
         print("stopped before any training step: no adapter was written", file=sys.stderr)
         return 1
     print(f"adapter {result.adapter_id} written to {result.adapter_dir} ({result.adapter_bytes / 2**20:.2f} MB, "
           f"{result.trainable_parameters:,} trainable parameters, {result.steps} steps in {result.seconds:.0f} s, "
-          f"stopped: {result.stopped})")
+          f"of {result.steps_planned} planned, stopped: {result.stopped})")
     for mode, after in result.val_dice_after.items():
         before = result.val_dice_before.get(mode, float("nan"))
         label = "automatic" if mode == "none" else mode

@@ -197,23 +197,70 @@ def link_slices(slice_labels: dict[int, np.ndarray], shape: tuple[int, int, int]
     return volume_labels
 
 
+def head_field_of_view(predictor: VolumePredictor) -> dict | None:
+    """The active class head's field of view for this volume, or None (then every slice, uncropped).
+
+    A fine-tuned head records, per training volume, the slices and the square window its annotations
+    lie in (``finetune.data.FieldOfView``). It is found again on a volume of the same shape; a head trained
+    on the window ("cropped") only works on that window, so it warns when the volume does not match.
+    """
+    head = predictor.model.class_head
+    views = [view for view in getattr(head, "fields_of_view", None) or []
+             if tuple(view["volume_shape"]) == (predictor.volume.num_slices, *predictor.slice_shape)]
+    if len(views) == 1:
+        return views[0]
+    if getattr(head, "cropped", False):
+        import warnings
+
+        warnings.warn("this adapter's automatic head was trained on a window around the annotations of a volume "
+                      "of another shape: segmenting whole slices instead, expect lower accuracy", stacklevel=2)
+    return None
+
+
 @torch.inference_mode()
-def class_head_slice(predictor: VolumePredictor, slice_index: int) -> np.ndarray:
-    """The active adapter's no-prompt head on one slice -> (H, W) label ids of the training labels."""
+def class_head_labels(predictor: VolumePredictor, slice_indices, batch_size: int = 4,
+                      progress: ProgressCallback | None = None,
+                      should_cancel: CancelCheck | None = None) -> dict[int, np.ndarray]:
+    """The active adapter's no-prompt head on slices -> {slice index: (H, W) label ids of the training labels}.
+
+    Slices outside the head's field of view are background without encoding; inside it, slices are run
+    ``batch_size`` at a time, on the window the head was trained on when it was trained on a window
+    (encoded here, rounded to float16 as the cache stores it) or on whole cached embeddings.
+    """
     model = predictor.model
-    embedding = predictor.embedding(slice_index)
-    logits = model.class_head(model.sam, embedding)
     height, width = predictor.slice_shape
-    classes = model.preprocessing.logits_to_slice(logits, height, width).argmax(dim=1)[0].cpu().numpy()
     lookup = np.array((0, *model.class_ids), dtype=np.int32)
-    return lookup[classes]
+    view = head_field_of_view(predictor)
+    indices = [int(index) for index in slice_indices]
+    labels = {index: np.zeros((height, width), np.int32) for index in indices}
+    if view is not None:
+        indices = [index for index in indices if view["slices"][0] <= index < view["slices"][1]]
+    cropped = view is not None and view.get("cropped", False)
+    rows, cols = (slice(*view["rows"]), slice(*view["cols"])) if cropped else (slice(0, height), slice(0, width))
+    out_height, out_width = rows.stop - rows.start, cols.stop - cols.start
+    for start in range(0, len(indices), batch_size):
+        if should_cancel is not None and should_cancel():
+            raise Cancelled(f"automatic segmentation cancelled after {start} of {len(indices)} slices")
+        chunk = indices[start:start + batch_size]
+        if cropped:
+            images = np.stack([predictor.slice_image(index)[rows, cols] for index in chunk])
+            embeddings = predictor.encode_batch(images).half().float()
+        else:
+            embeddings = torch.cat([predictor.embedding(index) for index in chunk])
+        logits = model.class_head(model.sam, embeddings)
+        classes = model.preprocessing.logits_to_slice(logits, out_height, out_width).argmax(dim=1).cpu().numpy()
+        for index, slice_classes in zip(chunk, classes):
+            labels[index][rows, cols] = lookup[slice_classes]
+        if progress:
+            progress(min(start + batch_size, len(indices)), len(indices))
+    return labels
 
 
 def segment_slice(predictor: VolumePredictor, slice_index: int,
                   settings: AutomaticSettings = AutomaticSettings()) -> np.ndarray:
     """Automatic labels of one slice: class ids with an adapter's class head, else object ids."""
     if predictor.model.class_head is not None:
-        return class_head_slice(predictor, slice_index)
+        return class_head_labels(predictor, [slice_index])[int(slice_index)]
     return slice_objects(predictor, slice_index, settings)
 
 
@@ -222,13 +269,20 @@ def segment_volume(predictor: VolumePredictor, *, slice_indices=None, settings: 
     """Automatic labels for the whole volume (or ``slice_indices``) -> (Z, H, W) int32.
 
     Slices holding only air are skipped without encoding. With a class head the labels are the
-    adapter's class ids; otherwise they are 3D instance ids 1..n.
+    adapter's class ids (slices outside its field of view skipped too); otherwise they are 3D instance
+    ids 1..n.
     """
     volume = predictor.volume
     indices = list(range(volume.num_slices)) if slice_indices is None else [int(index) for index in slice_indices]
     worth = [index for index in indices
              if body_mask(predictor.slice_intensity(index), settings.foreground_threshold).mean()
              >= settings.min_foreground_fraction]
+    if predictor.model.class_head is not None:
+        labels = np.zeros(volume.shape[:3], np.int32)
+        for index, slice_label in class_head_labels(predictor, worth, progress=progress,
+                                                    should_cancel=should_cancel).items():
+            labels[index] = slice_label
+        return labels
     total = len(worth)
     slice_labels: dict[int, np.ndarray] = {}
     for done, index in enumerate(worth):
@@ -239,11 +293,6 @@ def segment_volume(predictor: VolumePredictor, *, slice_indices=None, settings: 
         slice_labels[index] = segment_slice(predictor, index, settings)
     if progress:
         progress(total, total)
-    if predictor.model.class_head is not None:
-        labels = np.zeros(volume.shape, np.int32)
-        for index, slice_label in slice_labels.items():
-            labels[index] = slice_label
-        return labels
     return link_slices(slice_labels, volume.shape, settings)
 
 

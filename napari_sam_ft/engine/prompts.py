@@ -187,13 +187,18 @@ def box_from_mask(mask: np.ndarray, margin: float = 0.0) -> np.ndarray | None:
                      min(cols[-1] + 1 + margin, width), min(rows[-1] + 1 + margin, height)], np.float32)
 
 
+def pixel_centres_xy(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Pixel (row, column) indices -> (N, 2) float32 (x, y) of their centres, in SAM's continuous coordinates."""
+    return np.stack([np.asarray(cols, np.float32) + 0.5, np.asarray(rows, np.float32) + 0.5], axis=-1)
+
+
 def interior_point(mask: np.ndarray) -> np.ndarray | None:
     """The (x, y) centre of the pixel deepest inside a 2D mask (largest distance to its border)."""
     if not mask.any():
         return None
     distance = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
     row, col = np.unravel_index(int(np.argmax(distance)), distance.shape)
-    return np.array([col + 0.5, row + 0.5], np.float32)
+    return pixel_centres_xy(np.array([row]), np.array([col]))[0]
 
 
 # napari puts pixel centres at integer coordinates; SAM's continuous coordinates put them at +0.5.

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from ..engine.prompts import box_from_mask, pixel_centres_xy
+
 
 @dataclass(frozen=True)
 class AugmentSettings:
@@ -63,17 +65,19 @@ def augment_pair(image_01: np.ndarray, labels: np.ndarray, rng: np.random.Genera
 def jittered_box(mask: np.ndarray, rng: np.random.Generator, jitter: float = 0.1,
                  max_margin_px: float = 5.0) -> np.ndarray:
     """A box around a 2D mask as a user would draw it: (x_min, y_min, x_max, y_max), sides moved by up to
-    ``jitter`` of the box size plus a random margin of up to ``max_margin_px``, clipped to the slice."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
+    ``jitter`` of the box size plus a random margin of up to ``max_margin_px``, kept within the slice.
+
+    It starts from the engine's own tight box (``box_from_mask``: continuous coordinates, far edges one
+    past the last pixel), so with no jitter training sees exactly the box inference is given.
+    """
     height, width = mask.shape
-    x0, x1, y0, y1 = float(cols[0]), float(cols[-1]), float(rows[0]), float(rows[-1])
-    box_w, box_h = x1 - x0 + 1, y1 - y0 + 1
+    box = box_from_mask(mask).astype(np.float64)
+    box_w, box_h = box[2] - box[0], box[3] - box[1]
     noise = rng.uniform(-jitter, jitter, 4) * np.array([box_w, box_h, box_w, box_h])
     margin = rng.uniform(0, max_margin_px, 4) * np.array([-1, -1, 1, 1])
-    box = np.array([x0, y0, x1, y1]) + noise + margin
-    box[[0, 2]] = np.clip(box[[0, 2]], 0, width - 1)
-    box[[1, 3]] = np.clip(box[[1, 3]], 0, height - 1)
+    box = box + noise + margin
+    box[[0, 2]] = np.clip(box[[0, 2]], 0, width)
+    box[[1, 3]] = np.clip(box[[1, 3]], 0, height)
     if box[2] < box[0]:
         box[[0, 2]] = box[[2, 0]]
     if box[3] < box[1]:
@@ -84,20 +88,22 @@ def jittered_box(mask: np.ndarray, rng: np.random.Generator, jitter: float = 0.1
 def sampled_points(mask: np.ndarray, rng: np.random.Generator, max_positive: int = 3,
                    max_negative: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Clicks a user might make on a 2D mask: 1..max_positive points inside (favouring its interior) and
-    0..max_negative just outside it. Returns ((N, 2) x, y float32, (N,) int64 1 = positive, 0 = negative)."""
+    0..max_negative just outside it, each at its pixel's centre as a click reaches inference
+    (``pixel_centres_xy``). Returns ((N, 2) x, y float32, (N,) int64 1 = positive, 0 = negative)."""
     depth = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
     inside_rows, inside_cols = np.nonzero(mask)
     weights = depth[inside_rows, inside_cols] ** 2
     count = int(rng.integers(1, max_positive + 1))
     picks = rng.choice(len(inside_rows), size=min(count, len(inside_rows)), replace=False, p=weights / weights.sum())
-    coords = [[inside_cols[i], inside_rows[i]] for i in picks]
-    labels = [1] * len(coords)
+    rows, cols = list(inside_rows[picks]), list(inside_cols[picks])
+    labels = [1] * len(rows)
     negatives = int(rng.integers(0, max_negative + 1))
     if negatives:
         ring = ndimage.binary_dilation(mask, iterations=4) & ~mask
         ring_rows, ring_cols = np.nonzero(ring)
         if len(ring_rows):
             for i in rng.choice(len(ring_rows), size=min(negatives, len(ring_rows)), replace=False):
-                coords.append([ring_cols[i], ring_rows[i]])
+                rows.append(ring_rows[i])
+                cols.append(ring_cols[i])
                 labels.append(0)
-    return np.asarray(coords, np.float32), np.asarray(labels, np.int64)
+    return pixel_centres_xy(np.array(rows), np.array(cols)), np.asarray(labels, np.int64)

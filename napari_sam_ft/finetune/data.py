@@ -8,7 +8,8 @@ Several volumes can be combined; their label ids must mean the same structures.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import numpy as np
@@ -60,6 +61,69 @@ class AnnotatedSlice:
         return int(self.labels.shape[0]), int(self.labels.shape[1])
 
 
+@dataclass(frozen=True)
+class FieldOfView:
+    """Where the annotated structures lie in one (Z, H, W) volume: slices ``slices[0]..slices[1] - 1`` and a
+    square window of rows ``rows[0]..rows[1] - 1`` and columns ``cols[0]..cols[1] - 1`` around them.
+
+    Training on this window (resized to the model's input) magnifies small structures; inference finds the
+    same window again from the adapter's metadata and skips the slices outside ``slices``.
+    """
+
+    volume_shape: tuple[int, int, int]
+    slices: tuple[int, int]
+    rows: tuple[int, int]
+    cols: tuple[int, int]
+
+    def crop(self, slice_2d: np.ndarray) -> np.ndarray:
+        return slice_2d[self.rows[0]:self.rows[1], self.cols[0]:self.cols[1]]
+
+    def to_json(self) -> dict:
+        return {"volume_shape": list(self.volume_shape), "slices": list(self.slices), "rows": list(self.rows),
+                "cols": list(self.cols)}
+
+    @classmethod
+    def from_json(cls, record: dict) -> "FieldOfView":
+        return cls(tuple(int(v) for v in record["volume_shape"]), tuple(int(v) for v in record["slices"]),
+                   tuple(int(v) for v in record["rows"]), tuple(int(v) for v in record["cols"]))
+
+
+# The window is the annotations' extent, grown by this fraction of it on every side plus a few pixels, and
+# never smaller than MIN_FIELD_OF_VIEW_PX (LiteMedSAM sees 256 px: a 96 px window is magnified ~2.7x).
+FIELD_OF_VIEW_MARGIN = 0.3
+FIELD_OF_VIEW_PAD_PX = 8
+MIN_FIELD_OF_VIEW_PX = 96
+
+
+def field_of_view(labels_zyx: np.ndarray, slice_indices: Sequence[int]) -> FieldOfView:
+    """The window around the labels on ``slice_indices`` of a (Z, H, W) label volume.
+
+    The slice range reaches one gap between annotated slices (at least 2 slices) past the first and last
+    annotated slice: a structure continues a little beyond the slices a user spread their annotations over.
+    """
+    num_slices, height, width = labels_zyx.shape
+    indices = sorted(int(index) for index in slice_indices)
+    painted = np.zeros((height, width), bool)
+    for index in indices:
+        painted |= labels_zyx[index] != 0
+    rows, cols = np.flatnonzero(painted.any(axis=1)), np.flatnonzero(painted.any(axis=0))
+    if rows.size == 0:
+        return FieldOfView((num_slices, height, width), (0, num_slices), (0, height), (0, width))
+    extent = max(rows[-1] + 1 - rows[0], cols[-1] + 1 - cols[0])
+    side = int(min(max(math.ceil(extent * (1 + 2 * FIELD_OF_VIEW_MARGIN) + 2 * FIELD_OF_VIEW_PAD_PX),
+                       MIN_FIELD_OF_VIEW_PX), height, width))
+
+    def window(first: int, last: int, size: int) -> tuple[int, int]:
+        start = int(round((first + last + 1) / 2 - side / 2))
+        start = min(max(start, 0), size - side)
+        return start, start + side
+
+    gap = max(2, math.ceil((indices[-1] - indices[0]) / max(len(indices) - 1, 1)))
+    slices = (max(indices[0] - gap, 0), min(indices[-1] + 1 + gap, num_slices))
+    return FieldOfView((num_slices, height, width), slices, window(rows[0], rows[-1], height),
+                       window(cols[0], cols[-1], width))
+
+
 @dataclass
 class TrainingData:
     """Training and validation slices plus the classes the adapter learns."""
@@ -70,6 +134,21 @@ class TrainingData:
     class_names: dict[int, str]
     windows: list[Window]
     volume_names: list[str] = field(default_factory=list)
+    fields_of_view: list[FieldOfView] = field(default_factory=list)  # one per volume
+    cropped: bool = False  # True: the slices are cut to ``fields_of_view``
+
+    def cropped_to_fields_of_view(self) -> "TrainingData":
+        """The same examples cut to each volume's field of view (see ``FieldOfView``)."""
+        if self.cropped:
+            return self
+
+        def cut(example: AnnotatedSlice) -> AnnotatedSlice:
+            view = self.fields_of_view[example.volume_index]
+            return replace(example, image_01=np.ascontiguousarray(view.crop(example.image_01)),
+                           labels=np.ascontiguousarray(view.crop(example.labels)))
+
+        return replace(self, train=[cut(example) for example in self.train],
+                       validation=[cut(example) for example in self.validation], cropped=True)
 
     def class_indices(self, labels: np.ndarray) -> np.ndarray:
         """(H, W) label ids -> (H, W) int64 channel indices: 0 background, k for ``class_ids[k - 1]``."""
@@ -220,4 +299,6 @@ def build_training_data(volumes: Sequence[VolumeAnnotations], *, slices=None, va
     return TrainingData(train=[example(v, z) for v, z in train_keys],
                         validation=[example(v, z) for v, z in sorted(validation_keys)],
                         class_ids=class_ids, class_names=names, windows=windows,
-                        volume_names=[volume.name for volume in volumes])
+                        volume_names=[volume.name for volume in volumes],
+                        fields_of_view=[field_of_view(labels, [z for v, z in candidates if v == volume_index])
+                                        for volume_index, (_, labels) in enumerate(arrays)])

@@ -11,11 +11,18 @@ The recipe, chosen to finish a 5-slice adapt in minutes on a laptop CPU:
 3. **Encoder phase** (``lora`` and ``full``). The encoder's LoRA (or all its weights) joins in: each step
    runs the encoder with gradients on a small batch of views, under bf16 autocast.
 
+The budget is a number of optimisation **steps**, planned from the data (``plan_steps``: more slices and
+classes, more steps), never a duration: the same seed and the same steps give the same adapter on a quiet
+or a busy CPU, only later. Every random choice is drawn from a generator seeded by (seed, phase, step)
+or (seed, phase, epoch), validation runs every ``validate_every`` steps, and early stopping counts
+validations, so nothing depends on the clock. An optional wall-clock ``time_limit_s`` may stop a run
+early; the result, the progress callback and the adapter's metadata then say so (``stopped:
+time_limit``, steps done of planned).
+
 Loss: Dice + cross-entropy (``losses``, MONAI's ``DiceCELoss`` definitions): binary per prompted object,
-softmax over background + K classes for the automatic head (Dice without the background channel). Optimiser: AdamW, linear warm-up then cosine decay, where a phase's
-progress is the larger of its step fraction and its share of the time budget, so a run cut by the
-budget still ends at a low learning rate. Early stopping on validation Dice; the best weights are kept
-and saved, also when the caller cancels. Seeds are fixed.
+softmax over background + K classes for the automatic head (Dice without the background channel).
+Optimiser: AdamW, linear warm-up then cosine decay over the phase's planned steps. The best weights (by
+validation Dice) are kept and saved, also when the caller cancels.
 """
 
 from __future__ import annotations
@@ -31,13 +38,13 @@ import torch
 
 from ..devices import autocast_context, autocast_dtype, dtype_name
 from ..models.registry import LoadedModel
-from .adapters import adapter_size_bytes, base_network_copy, check_output_folder, save_adapter
+from .adapters import adapter_size_bytes, base_network_copy, check_output_folder, save_adapter, window_record
 from .augment import AugmentSettings, augment_pair, jittered_box, sampled_points
 from .data import AnnotatedSlice, TrainingData
-from .validation import MODE_VALIDATION, class_logits, decode_prompts, objects_on_slice, pad_points, score_slices
 from .heads import ClassHead
 from .losses import binary_dice_ce, multiclass_dice_ce
 from .scopes import SCOPES, LoraSettings, TrainableModel, prepare_scope
+from .validation import MODE_VALIDATION, class_logits, decode_prompts, objects_on_slice, pad_points, score_slices
 
 PROMPT_MODES = ("box", "point", "none", "mixed")
 ProgressCallback = Callable[[int, int, dict], None]
@@ -48,8 +55,21 @@ CancelCheck = Callable[[], bool]
 SCOPE_LEARNING_RATE = {"lora": 3e-3, "decoder": 3e-4, "full": 3e-4}
 ENCODER_LR_SCALE = {"lora": 1 / 3, "full": 0.1}
 MIXED_AUTOMATIC_SHARE = 0.7
-# Encoder-phase validation re-encodes the validation slices: do it after at least this many steps.
-MIN_STEPS_PER_ENCODER_VALIDATION = 4
+# Separate streams of random numbers, so that changing one phase's length never shifts another's draws.
+_STREAM_VIEWS, _STREAM_DECODER, _STREAM_ENCODER, _STREAM_PROBE = 1, 2, 3, 4
+STOP_REASONS = ("steps", "converged", "time_limit", "cancelled")
+
+
+def plan_steps(num_train_slices: int, num_classes: int, scope: str) -> tuple[int, int]:
+    """(decoder-phase steps, encoder-phase steps) for a run, from the size of the task.
+
+    The decoder phase learns the head and the decoder side: it needs more steps for more slices (more to
+    see) and more classes (more to tell apart), within [150, 600]. The encoder phase (lora / full only)
+    costs ~10x more per step and refines: a few passes over the training slices, within [12, 60].
+    """
+    decoder = int(np.clip(round(40 * num_train_slices * math.sqrt(max(num_classes, 1)), -1), 150, 600))
+    encoder = int(np.clip(6 * num_train_slices, 12, 60)) if scope in ("lora", "full") else 0
+    return decoder, encoder
 
 
 @dataclass
@@ -58,9 +78,11 @@ class TrainSettings:
 
     scope: str = "lora"
     prompt_mode: str = "mixed"
-    epochs: int = 12  # encoder-phase passes over the training slices (lora / full)
-    decoder_epochs: int = 30  # decoder-phase passes over all cached views
-    time_budget_s: float | None = 240.0  # whole run, encoding included; None = epochs only
+    decoder_steps: int | None = None  # None: planned from the data (``plan_steps``)
+    encoder_steps: int | None = None  # lora / full; None: planned from the data; 0: no encoder phase
+    time_limit_s: float | None = None  # optional wall-clock limit; a run it stops says so everywhere
+    validate_every: int = 25  # decoder-phase steps between validations
+    encoder_validate_every: int = 6  # encoder-phase steps between validations (each re-encodes)
     batch_size: int = 2
     views_per_slice: int = 6
     max_objects_per_slice: int = 3
@@ -68,9 +90,11 @@ class TrainSettings:
     head_learning_rate: float = 5e-3
     weight_decay: float = 1e-4
     warmup_fraction: float = 0.05
-    patience: int = 10  # validations without improvement before a phase stops
+    patience: int = 4  # validations without improvement before a phase stops
     min_improvement: float = 1e-3
-    decoder_phase_share: float = 0.6  # of the time budget, for lora / full: its steps are ~10x cheaper
+    # Automatic mode: train (and later infer) on the window around the annotations (``FieldOfView``),
+    # magnified to the model's input, instead of the whole slice: small structures get several times the pixels.
+    crop_to_annotations: bool = True
     seed: int = 0
     precision: str = "auto"
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -81,14 +105,16 @@ class TrainSettings:
             raise ValueError(f"unknown scope {self.scope!r}; choose one of {', '.join(SCOPES)}")
         if self.prompt_mode not in PROMPT_MODES:
             raise ValueError(f"unknown prompt mode {self.prompt_mode!r}; choose one of {', '.join(PROMPT_MODES)}")
-        if self.epochs < 0 or self.decoder_epochs < 0 or self.epochs + self.decoder_epochs == 0:
-            raise ValueError("epochs and decoder_epochs must be >= 0 and not both 0")
-        if self.scope == "decoder" and self.decoder_epochs == 0:
-            raise ValueError("the decoder scope trains in the decoder phase only: decoder_epochs must be at least 1")
-        if self.batch_size < 1 or self.views_per_slice < 1:
-            raise ValueError("batch_size and views_per_slice must be at least 1")
-        if self.time_budget_s is not None and self.time_budget_s <= 0:
-            raise ValueError(f"the time budget must be positive, got {self.time_budget_s}")
+        for name in ("decoder_steps", "encoder_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        if self.decoder_steps == 0 and (self.scope == "decoder" or self.encoder_steps == 0):
+            raise ValueError("nothing to train: decoder_steps is 0 and there is no encoder phase")
+        if self.batch_size < 1 or self.views_per_slice < 1 or self.validate_every < 1 or self.encoder_validate_every < 1:
+            raise ValueError("batch_size, views_per_slice and the validation intervals must be at least 1")
+        if self.time_limit_s is not None and self.time_limit_s <= 0:
+            raise ValueError(f"the time limit must be positive, got {self.time_limit_s}")
 
     @property
     def uses_head(self) -> bool:
@@ -97,6 +123,22 @@ class TrainSettings:
     @property
     def validation_modes(self) -> tuple[str, ...]:
         return MODE_VALIDATION[self.prompt_mode]
+
+    @property
+    def crops(self) -> bool:
+        """Only the automatic head trains on the window: prompts are given on whole slices at inference."""
+        return self.crop_to_annotations and self.prompt_mode == "none"
+
+    def planned_steps(self, data: TrainingData) -> tuple[int, int]:
+        """(decoder, encoder) steps this run will take when nothing stops it early."""
+        decoder, encoder = plan_steps(len(data.train), len(data.class_ids), self.scope)
+        if self.decoder_steps is not None:
+            decoder = self.decoder_steps
+        if self.scope == "decoder":
+            encoder = 0
+        elif self.encoder_steps is not None:
+            encoder = self.encoder_steps
+        return decoder, encoder
 
 
 @dataclass
@@ -108,13 +150,26 @@ class TrainingResult:
     trainable_parameters: int
     seconds: float
     steps: int
-    stopped: str  # "epochs", "converged", "time budget" or "cancelled"
+    stopped: str  # one of STOP_REASONS
     adapter_bytes: int = 0
     history: list[dict] = field(default_factory=list)
+    steps_planned: int = 0
+    step_seconds: float = 0.0  # measured mean seconds per remaining step, for "N more steps would take ..."
 
     @property
     def cancelled(self) -> bool:
         return self.stopped == "cancelled"
+
+    @property
+    def warning(self) -> str:
+        """A loud sentence when the run stopped before its plan for a reason other than convergence."""
+        if self.stopped not in ("time_limit", "cancelled"):
+            return ""
+        missing = max(self.steps_planned - self.steps, 0)
+        why = "time limit" if self.stopped == "time_limit" else "cancelled"
+        return (f"STOPPED EARLY ({why}) after {self.steps} of {self.steps_planned} planned steps: the validation "
+                f"Dice is that of an unfinished run; {missing} more steps (about {missing * self.step_seconds:.0f} s "
+                "at this speed) would finish the plan (raise or remove the time limit and train again)")
 
 
 @dataclass
@@ -133,6 +188,14 @@ class _Stop(Exception):
         self.reason = reason
 
 
+_PER_STEP, _PER_EPOCH = 0, 1
+
+
+def _generator(seed: int, stream: int, index: int, per: int = _PER_STEP) -> np.random.Generator:
+    """The random numbers of one step (or epoch) of a stream: a function of the seed and the index only."""
+    return np.random.default_rng([seed, stream, per, index])
+
+
 class _Trainer:
     """State of one run; ``train_adapter`` is its only user."""
 
@@ -148,9 +211,9 @@ class _Trainer:
         self.dtype = autocast_dtype(self.device, settings.precision)  # encoding, as the engine does
         # Gradients in fp16 need loss scaling; train in fp32 there and use bf16 where the hardware has it.
         self.train_dtype = None if self.dtype == torch.float16 else self.dtype
-        self.rng = np.random.default_rng(settings.seed)
         self.started = time.perf_counter()
         self.step = 0
+        self.planned = settings.planned_steps(data)  # (decoder, encoder)
         self.history: list[dict] = []
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(settings.seed)  # LoRA's A matrices are drawn from torch's global generator
@@ -164,23 +227,50 @@ class _Trainer:
         self.best_state: tuple[dict, dict | None] | None = None
         self.views: list[_View] = []
         self.validation_embeddings: list[torch.Tensor] = []
-        self.last_validation_s = 0.0
+        # Measured seconds (for the estimate and the ETA only: they never steer training).
+        self.seconds_per_step = {"decoder": None, "encoder": None}
+        self.seconds_per_validation = {"decoder": 0.0, "encoder": 0.0}
+        self.done = {"decoder": 0, "encoder": 0}
 
     # -- bookkeeping ---------------------------------------------------------------------------------
     @property
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
 
+    @property
+    def total_planned(self) -> int:
+        return sum(self.planned)
+
     def check_cancel(self) -> None:
         if self.should_cancel is not None and self.should_cancel():
             raise _Stop("cancelled")
 
-    def report(self, total: int, metrics: dict) -> None:
-        budget = self.settings.time_budget_s
-        fraction = self.step / max(total, 1)
-        if budget:
-            fraction = max(fraction, self.elapsed / budget)
-        metrics = {"elapsed_s": self.elapsed, "fraction": min(fraction, 1.0), **metrics}
+    def check_time_limit(self) -> None:
+        limit = self.settings.time_limit_s
+        if limit is not None and self.elapsed >= limit:
+            raise _Stop("time_limit")
+
+    def remaining_seconds(self) -> float:
+        """Estimated seconds to finish the plan from here (steps left x measured step time + validations)."""
+        total = 0.0
+        intervals = {"decoder": self.settings.validate_every, "encoder": self.settings.encoder_validate_every}
+        for phase, planned in zip(("decoder", "encoder"), self.planned):
+            left = max(planned - self.done[phase], 0)
+            per_step = self.seconds_per_step[phase] or 0.0
+            total += left * per_step + math.ceil(left / intervals[phase]) * self.seconds_per_validation[phase]
+        return total
+
+    def mean_step_seconds(self) -> float:
+        decoder, encoder = self.planned
+        left = {"decoder": max(decoder - self.done["decoder"], 0), "encoder": max(encoder - self.done["encoder"], 0)}
+        if not sum(left.values()):
+            return self.seconds_per_step["decoder"] or 0.0
+        return self.remaining_seconds() / sum(left.values())
+
+    def report(self, metrics: dict) -> None:
+        total = self.total_planned
+        metrics = {"elapsed_s": self.elapsed, "fraction": min(self.step / max(total, 1), 1.0),
+                   "steps_planned": total, "eta_s": self.remaining_seconds(), **metrics}
         self.history.append({"step": self.step, **metrics})
         if self.progress is not None:
             self.progress(self.step, total, metrics)
@@ -207,12 +297,13 @@ class _Trainer:
             embeddings = embeddings.half()
         return embeddings.float()
 
-    def build_views(self, total: int) -> None:
+    def build_views(self) -> None:
         allow_flips = self.settings.prompt_mode in ("box", "point")
-        for example in self.data.train:
+        for slice_position, example in enumerate(self.data.train):
             self.views.append(_View(example, example.image_01, example.labels))
+            rng = _generator(self.settings.seed, _STREAM_VIEWS, slice_position)
             for _ in range(self.settings.views_per_slice - 1):
-                image, labels = augment_pair(example.image_01, example.labels, self.rng, self.settings.augment,
+                image, labels = augment_pair(example.image_01, example.labels, rng, self.settings.augment,
                                              allow_flips=allow_flips)
                 if labels.any() or not example.labels.any():  # keep views whose objects survived the transform
                     self.views.append(_View(example, image, labels))
@@ -220,6 +311,7 @@ class _Trainer:
         to_encode = len(pending) + len(self.data.validation)
         encoded = 0
         batch = max(1, self.settings.batch_size)
+        encoding_started = time.perf_counter()
         with torch.no_grad():
             for start in range(0, len(pending), batch):
                 self.check_cancel()
@@ -227,35 +319,37 @@ class _Trainer:
                 for view, embedding in zip(chunk, self.encode([view.image_01 for view in chunk])):
                     view.embedding = embedding.half()  # exact: ``encode`` rounded it to float16 already
                 encoded += len(chunk)
-                self.report(total, {"phase": "encoding", "encoded": encoded, "to_encode": to_encode})
+                self.report({"phase": "encoding", "encoded": encoded, "to_encode": to_encode})
             for example in self.data.validation:
                 self.check_cancel()
                 self.validation_embeddings.append(self.encode([example.image_01]))
                 encoded += 1
-                self.report(total, {"phase": "encoding", "encoded": encoded, "to_encode": to_encode})
+                self.report({"phase": "encoding", "encoded": encoded, "to_encode": to_encode})
+        self.seconds_per_image = (time.perf_counter() - encoding_started) / max(encoded, 1)
 
     # -- losses ----------------------------------------------------------------------------------------
-    def prompted_loss(self, embedding: torch.Tensor, labels: np.ndarray, kind: str) -> torch.Tensor | None:
+    def prompted_loss(self, embedding: torch.Tensor, labels: np.ndarray, kind: str,
+                      rng: np.random.Generator) -> torch.Tensor | None:
         """Binary Dice+CE of up to ``max_objects_per_slice`` simulated prompts on one view."""
         objects = objects_on_slice(labels, self.data.class_ids)
         if not objects:
             return None
         if len(objects) > self.settings.max_objects_per_slice:
-            picks = self.rng.choice(len(objects), self.settings.max_objects_per_slice, replace=False)
+            picks = rng.choice(len(objects), self.settings.max_objects_per_slice, replace=False)
             objects = [objects[index] for index in sorted(picks)]
         masks = np.stack([mask for _, mask in objects])
         height, width = labels.shape
         if kind == "box":
-            boxes = np.stack([jittered_box(mask, self.rng) for mask in masks])
+            boxes = np.stack([jittered_box(mask, rng) for mask in masks])
             logits = decode_prompts(self.sam, self.preprocessing, embedding, height, width, boxes_xyxy=boxes)
         else:
-            coords, point_labels = pad_points([sampled_points(mask, self.rng) for mask in masks])
+            coords, point_labels = pad_points([sampled_points(mask, rng) for mask in masks])
             logits = decode_prompts(self.sam, self.preprocessing, embedding, height, width, points_xy=coords,
                                     point_labels=point_labels)
         target = torch.from_numpy(masks[:, None].astype(np.float32)).to(self.device)
         return binary_dice_ce(logits.float(), target)
 
-    def batch_loss(self, embeddings: torch.Tensor, views: list[_View]) -> torch.Tensor:
+    def batch_loss(self, embeddings: torch.Tensor, views: list[_View], rng: np.random.Generator) -> torch.Tensor:
         """Mean loss of a batch: the automatic head on all views, or simulated prompts per view.
 
         In ``mixed`` mode a step trains one of the two, the automatic head more often: it starts from
@@ -263,8 +357,7 @@ class _Trainer:
         """
         mode = self.settings.prompt_mode
         if mode == "mixed":
-            mode = "none" if self.rng.random() < MIXED_AUTOMATIC_SHARE else ("box" if self.rng.random() < 2 / 3
-                                                                              else "point")
+            mode = "none" if rng.random() < MIXED_AUTOMATIC_SHARE else ("box" if rng.random() < 2 / 3 else "point")
         losses = []
         with autocast_context(self.device, self.train_dtype):
             if mode == "none":
@@ -275,7 +368,7 @@ class _Trainer:
                     losses.append(multiclass_dice_ce(logits[None].float(), target))
             else:
                 for index, view in enumerate(views):
-                    loss = self.prompted_loss(embeddings[index:index + 1], view.labels, mode)
+                    loss = self.prompted_loss(embeddings[index:index + 1], view.labels, mode, rng)
                     if loss is not None:
                         losses.append(loss)
         if not losses:
@@ -284,16 +377,12 @@ class _Trainer:
 
     # -- validation ------------------------------------------------------------------------------------
     def validate(self, embeddings: list[torch.Tensor] | None = None) -> dict[str, float]:
-        started = time.perf_counter()
-        try:
-            if embeddings is None:
-                with torch.no_grad():
-                    embeddings = [self.encode([example.image_01]) for example in self.data.validation]
-            return score_slices(self.sam, self.preprocessing, embeddings,
-                                [example.labels for example in self.data.validation], self.data.class_ids,
-                                self.settings.validation_modes, head=self.head)
-        finally:
-            self.last_validation_s = time.perf_counter() - started
+        if embeddings is None:
+            with torch.no_grad():
+                embeddings = [self.encode([example.image_01]) for example in self.data.validation]
+        return score_slices(self.sam, self.preprocessing, embeddings,
+                            [example.labels for example in self.data.validation], self.data.class_ids,
+                            self.settings.validation_modes, head=self.head)
 
     def keep_if_best(self, scores: dict[str, float]) -> bool:
         score = float(np.nanmean(list(scores.values())))
@@ -337,80 +426,107 @@ class _Trainer:
             group["lr"] = group["initial_lr"] * factor
         return factor
 
-    def run_phase(self, name: str, epochs: int, steps_per_epoch: int, phase_budget: float | None, total: int,
-                  batches: Callable[[], list[list[_View]]], encoder_pass: bool) -> str:
-        """Train one phase; returns why it stopped. Raises ``_Stop`` on cancel or an exhausted run budget."""
-        if epochs == 0 or steps_per_epoch == 0:
-            return "skipped"
-        optimizer = self.optimizer(include_encoder=encoder_pass)
-        phase_started = time.perf_counter()
-        phase_steps = epochs * steps_per_epoch
-        done = 0
+    def batches(self, phase: str, epoch: int) -> list[list[_View]]:
+        """One epoch of batches: every cached view (decoder phase) or one view per training slice (encoder
+        phase), in an order drawn from (seed, phase, epoch)."""
+        rng = _generator(self.settings.seed, _STREAM_DECODER if phase == "decoder" else _STREAM_ENCODER, epoch,
+                         _PER_EPOCH)
+        if phase == "decoder":
+            pool = self.views
+        else:
+            by_slice: dict[int, list[_View]] = {}
+            for view in self.views:
+                by_slice.setdefault(id(view.slice_ref), []).append(view)
+            pool = [group[int(rng.integers(len(group)))] for group in by_slice.values()]
+        order = rng.permutation(len(pool))
+        size = self.settings.batch_size
+        return [[pool[index] for index in order[start:start + size]] for start in range(0, len(order), size)]
+
+    def step_batches(self, phase: str):
+        """An endless stream of batches, epoch after epoch."""
+        epoch = 0
+        while True:
+            yield from self.batches(phase, epoch)
+            epoch += 1
+
+    def train_step(self, phase: str, optimizer, batch: list[_View], phase_step: int, phase_steps: int) -> float:
+        self.schedule(optimizer, phase_step / max(phase_steps, 1))
+        rng = _generator(self.settings.seed, _STREAM_DECODER if phase == "decoder" else _STREAM_ENCODER, phase_step)
+        loss = self.batch_loss(self.batch_embeddings(phase, batch), batch, rng)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return float(loss.detach())
+
+    def batch_embeddings(self, phase: str, batch: list[_View]) -> torch.Tensor:
+        if phase == "encoder":
+            return self.encode([view.image_01 for view in batch])
+        return torch.stack([view.embedding for view in batch]).float()
+
+    def estimate(self) -> float:
+        """Seconds the whole plan should take: one timed forward/backward per phase (no weights change)."""
+        for phase, planned in zip(("decoder", "encoder"), self.planned):
+            if not planned:
+                continue
+            batch = self.batches(phase, 0)[0]
+            started = time.perf_counter()
+            loss = self.batch_loss(self.batch_embeddings(phase, batch), batch,
+                                   _generator(self.settings.seed, _STREAM_PROBE, 0))
+            loss.backward()
+            self.seconds_per_step[phase] = time.perf_counter() - started
+            for parameter in [*self.trainable.sam.parameters(), *(self.head.parameters() if self.head else [])]:
+                parameter.grad = None
+            decodes = max(len(self.data.validation), 1)
+            # A validation decodes every validation slice (and re-encodes them in the encoder phase).
+            self.seconds_per_validation[phase] = decodes * (self.seconds_per_step["decoder"] / 2 + (
+                self.seconds_per_image if phase == "encoder" else 0.0))
+        return self.remaining_seconds()
+
+    def run_phase(self, phase: str, phase_steps: int) -> str:
+        """Train one phase for its planned steps; returns why it stopped ("steps" or "converged").
+
+        Raises ``_Stop`` on cancel or the time limit.
+        """
+        if phase_steps == 0:
+            return "steps"
+        optimizer = self.optimizer(include_encoder=phase == "encoder")
+        every = self.settings.validate_every if phase == "decoder" else self.settings.encoder_validate_every
         stale = 0
         improved_once = False
         losses: list[float] = []  # since the last validation
-        for epoch in range(epochs):
-            out_of_time = False
-            for batch in batches():
-                self.check_cancel()
-                spent = time.perf_counter() - phase_started
-                # Leave time for the validation that closes the phase, so the run keeps to its budget.
-                if phase_budget is not None and spent + self.last_validation_s >= phase_budget:
-                    out_of_time = True
-                    break
-                fraction = done / phase_steps
-                if phase_budget:
-                    fraction = max(fraction, spent / phase_budget)
-                self.schedule(optimizer, fraction)
-                if encoder_pass:
-                    embeddings = self.encode([view.image_01 for view in batch])
-                else:
-                    embeddings = torch.stack([view.embedding for view in batch]).float()
-                loss = self.batch_loss(embeddings, batch)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                done += 1
-                self.step += 1
-                losses.append(float(loss.detach()))
-                self.report(total, {"phase": name, "epoch": epoch + 1, "loss": losses[-1],
-                                    "lr": optimizer.param_groups[0]["lr"]})
-            last_epoch = epoch == epochs - 1 or out_of_time
-            enough = not encoder_pass or len(losses) >= MIN_STEPS_PER_ENCODER_VALIDATION
-            if losses and (last_epoch or enough):
-                self.check_cancel()
-                scores = self.validate(None if encoder_pass else self.validation_embeddings)
-                if self.keep_if_best(scores):
-                    improved_once, stale = True, 0
-                elif improved_once:
-                    # Before the first improvement a new head may still be finding its feet (its Dice sits at
-                    # 0 for a while): only the epochs or the time budget end such a phase.
-                    stale += 1
-                self.report(total, {"phase": name, "epoch": epoch + 1, "loss": float(np.mean(losses)),
-                                    "val_dice": float(np.nanmean(list(scores.values()))), "val_scores": scores,
-                                    "best_val_dice": self.best_score})
-                losses = []
-            if out_of_time:
-                return "time budget"
+        batches = self.step_batches(phase)
+        step_time = 0.0
+        for phase_step in range(phase_steps):
+            self.check_cancel()
+            self.check_time_limit()
+            started = time.perf_counter()
+            losses.append(self.train_step(phase, optimizer, next(batches), phase_step, phase_steps))
+            step_time += time.perf_counter() - started
+            self.step += 1
+            self.done[phase] = phase_step + 1
+            self.seconds_per_step[phase] = step_time / (phase_step + 1)
+            self.report({"phase": phase, "loss": losses[-1], "lr": optimizer.param_groups[0]["lr"]})
+            if (phase_step + 1) % every and phase_step + 1 < phase_steps:
+                continue
+            self.check_cancel()
+            started = time.perf_counter()
+            scores = self.validate(None if phase == "encoder" else self.validation_embeddings)
+            self.seconds_per_validation[phase] = time.perf_counter() - started
+            if self.keep_if_best(scores):
+                improved_once, stale = True, 0
+            elif improved_once:
+                # Before the first improvement a new head may still be finding its feet (its Dice sits at
+                # 0 for a while): only the planned steps end such a phase.
+                stale += 1
+            self.report({"phase": phase, "loss": float(np.mean(losses)),
+                         "val_dice": float(np.nanmean(list(scores.values()))), "val_scores": scores,
+                         "best_val_dice": self.best_score})
+            losses = []
             if stale >= self.settings.patience:
+                self.planned = ((self.done["decoder"], self.planned[1]) if phase == "decoder"
+                                else (self.planned[0], self.done["encoder"]))
                 return "converged"
-        return "epochs"
-
-    def view_batches(self) -> list[list[_View]]:
-        """Decoder phase: every cached view once, shuffled, in batches."""
-        order = self.rng.permutation(len(self.views))
-        size = self.settings.batch_size
-        return [[self.views[index] for index in order[start:start + size]] for start in range(0, len(order), size)]
-
-    def slice_batches(self) -> list[list[_View]]:
-        """Encoder phase: one random view of every training slice, shuffled, in batches."""
-        by_slice: dict[int, list[_View]] = {}
-        for view in self.views:
-            by_slice.setdefault(id(view.slice_ref), []).append(view)
-        picks = [group[int(self.rng.integers(len(group)))] for group in by_slice.values()]
-        order = self.rng.permutation(len(picks))
-        size = self.settings.batch_size
-        return [[picks[index] for index in order[start:start + size]] for start in range(0, len(order), size)]
+        return "steps"
 
 
 def train_adapter(model: LoadedModel, data: TrainingData, output_dir: str | Path,
@@ -418,77 +534,77 @@ def train_adapter(model: LoadedModel, data: TrainingData, output_dir: str | Path
                   should_cancel: CancelCheck | None = None) -> TrainingResult:
     """Fine-tune a copy of ``model`` on ``data`` and save the best adapter to ``output_dir``.
 
-    ``progress(step, total_steps, metrics)`` is called after every step (metrics: phase, epoch, loss,
-    lr, elapsed_s, fraction in [0, 1]) and after every validation (val_dice, val_scores,
-    best_val_dice). ``should_cancel()`` is checked before every step: when it returns True the run stops
-    and the best adapter so far is saved (``stopped == "cancelled"``). ``model`` itself is not changed.
+    ``progress(step, steps_planned, metrics)`` is called while encoding (phase "encoding"), once with the
+    plan and its time estimate (phase "planned": estimate_s), after every step (phase, loss, lr) and
+    after every validation (val_dice, val_scores, best_val_dice); every call carries elapsed_s, eta_s,
+    steps_planned and fraction in [0, 1]. ``should_cancel()`` is checked before every step: when it
+    returns True the run stops and the best adapter so far is saved (``stopped == "cancelled"``).
+    ``model`` itself is not changed.
     """
     settings = settings or TrainSettings()
     settings.check()
     check_output_folder(output_dir)  # fail now, not after minutes of training
+    if settings.crops:
+        data = data.cropped_to_fields_of_view()
     trainer = _Trainer(model, data, settings, progress, should_cancel)
-    encoder_phase = settings.scope in ("lora", "full") and settings.epochs > 0
-    decoder_steps_per_epoch = math.ceil(
-        len(data.train) * settings.views_per_slice / settings.batch_size)
-    encoder_steps_per_epoch = math.ceil(len(data.train) / settings.batch_size)
-    total = (settings.decoder_epochs * decoder_steps_per_epoch
-             + (settings.epochs * encoder_steps_per_epoch if encoder_phase else 0))
-    budget = settings.time_budget_s
-    stopped = "epochs"
+    planned_at_start = trainer.total_planned
+    stopped = "steps"
     val_dice_before: dict[str, float] = {}
     try:
-        trainer.build_views(total)
-        decoder_steps_per_epoch = math.ceil(len(trainer.views) / settings.batch_size)
+        trainer.build_views()
         val_dice_before = trainer.validate(trainer.validation_embeddings)
         trainer.keep_if_best(val_dice_before)
-        trainer.report(total, {"phase": "start", "val_dice": float(np.nanmean(list(val_dice_before.values()))),
-                               "val_scores": val_dice_before, "best_val_dice": trainer.best_score})
-
-        def remaining() -> float | None:
-            return None if budget is None else max(budget - trainer.elapsed, 0.0)
-
-        decoder_budget = remaining()
-        if decoder_budget is not None and encoder_phase:
-            decoder_budget *= settings.decoder_phase_share
-        stopped = trainer.run_phase("decoder", settings.decoder_epochs, decoder_steps_per_epoch, decoder_budget,
-                                    total, trainer.view_batches, encoder_pass=False)
-        if encoder_phase:
+        trainer.report({"phase": "start", "val_dice": float(np.nanmean(list(val_dice_before.values()))),
+                        "val_scores": val_dice_before, "best_val_dice": trainer.best_score})
+        trainer.check_cancel()
+        estimate = trainer.estimate()
+        trainer.report({"phase": "planned", "estimate_s": estimate, "decoder_steps": trainer.planned[0],
+                        "encoder_steps": trainer.planned[1]})
+        stopped = trainer.run_phase("decoder", trainer.planned[0])
+        if trainer.planned[1]:
             if trainer.best_state is not None:
                 trainer.restore_best()  # the encoder phase starts from the best decoder-phase weights
-            stopped = trainer.run_phase("encoder", settings.epochs, encoder_steps_per_epoch, remaining(), total,
-                                        trainer.slice_batches, encoder_pass=True)
+            stopped = trainer.run_phase("encoder", trainer.planned[1])
     except _Stop as stop:
         stopped = stop.reason
     seconds = trainer.elapsed
+    steps_planned = planned_at_start if stopped in ("time_limit", "cancelled") else trainer.total_planned
+    common = dict(steps_planned=steps_planned, step_seconds=trainer.mean_step_seconds(), history=trainer.history)
     if trainer.best_state is None or not val_dice_before or trainer.step == 0:
         return TrainingResult(None, None, val_dice_before, {}, trainer.trainable_parameters(), seconds, trainer.step,
-                              stopped, history=trainer.history)
+                              stopped, **common)
     trainer.restore_best()
+    metadata = _metadata(model, data, settings, trainer, val_dice_before, seconds, stopped, steps_planned)
     info = save_adapter(output_dir, scope=settings.scope, weights=trainer.best_state[0],
-                        lora_config=trainer.trainable.lora_config, class_head=trainer.head,
-                        metadata=_metadata(model, data, settings, trainer, val_dice_before, seconds, stopped))
+                        lora_config=trainer.trainable.lora_config, class_head=trainer.head, metadata=metadata)
     return TrainingResult(info.adapter_dir, info.adapter_id, val_dice_before, trainer.best_scores,
                           trainer.trainable_parameters(), seconds, trainer.step, stopped,
-                          adapter_size_bytes(info.adapter_dir), trainer.history)
+                          adapter_size_bytes(info.adapter_dir), **common)
 
 
 def _metadata(model: LoadedModel, data: TrainingData, settings: TrainSettings, trainer: _Trainer,
-              val_dice_before: dict, seconds: float, stopped: str) -> dict:
+              val_dice_before: dict, seconds: float, stopped: str, steps_planned: int) -> dict:
     from .. import __version__
 
     modes = {"box": ["box"], "point": ["point"], "none": ["none"], "mixed": ["box", "point", "none"]}
+    training = {"settings": asdict(settings), "seconds": round(seconds, 2), "steps": trainer.step,
+                "steps_done": trainer.step, "steps_planned": steps_planned, "stopped": stopped,
+                "precision": dtype_name(trainer.dtype),
+                "train_slices": [[s.volume_index, s.slice_index] for s in data.train],
+                "validation_slices": [[s.volume_index, s.slice_index] for s in data.validation],
+                "volumes": data.volume_names}
+    if stopped in ("time_limit", "cancelled"):
+        training["more_steps_needed"] = max(steps_planned - trainer.step, 0)
     return {
         "base_model_id": model.model_id, "base_model_name": model.name, "base_weights_sha256": model.weights_hash,
         "class_ids": list(data.class_ids), "class_names": {str(key): value for key, value in data.class_names.items()},
         "prompt_modes": modes[settings.prompt_mode], "trained_prompt_mode": settings.prompt_mode,
         "encoder_adapted": trainer.trainable.encoder_trainable,
-        "windows": [{"name": window.name, "low": window.low, "high": window.high} for window in data.windows],
+        "windows": [window_record(window) for window in data.windows],
+        # Where the annotated structures lie (per volume); with "cropped" the head saw only that window.
+        "fields_of_view": [view.to_json() for view in data.fields_of_view], "cropped": data.cropped,
         "val_dice_before": val_dice_before, "val_dice_after": trainer.best_scores,
         "trainable_parameters": trainer.trainable_parameters(),
-        "training": {"settings": asdict(settings), "seconds": round(seconds, 2), "steps": trainer.step,
-                     "stopped": stopped, "precision": dtype_name(trainer.dtype),
-                     "train_slices": [[s.volume_index, s.slice_index] for s in data.train],
-                     "validation_slices": [[s.volume_index, s.slice_index] for s in data.validation],
-                     "volumes": data.volume_names},
+        "training": training,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "napari_sam_ft_version": __version__,
     }

@@ -36,10 +36,10 @@ def panel(segment_widget, qtbot, tmp_path):
     widget.image_combo.select_layer(viewer.layers["sample CT"])
     widget.labels_combo.select_layer(labels)
     widget.scope_combo.setCurrentText("decoder")
-    widget.epochs_spin.setValue(2)
+    widget.steps_spin.setValue(2)
     widget.budget_spin.setValue(0)
-    # Few, small steps: one view per slice, one prompted object per view.
-    widget.extra_settings = {"views_per_slice": 1, "max_objects_per_slice": 1, "patience": 100}
+    # Few, small steps: one view per slice, one prompted object per view, a validation after every step.
+    widget.extra_settings = {"views_per_slice": 1, "max_objects_per_slice": 1, "patience": 100, "validate_every": 1}
     widget.output_edit.setText(str(tmp_path / "adapter"))
     yield widget
     widget.cancel()
@@ -48,14 +48,31 @@ def panel(segment_widget, qtbot, tmp_path):
 
 def test_panel_trains_from_labels_and_activates_the_adapter(panel, segment_widget, qtbot, tmp_path):
     assert find_segment_panel(panel._viewer, exclude=panel) is segment_widget
+    statuses = []
+    original_progress = panel._on_progress
+
+    def watch(step, total, metrics):
+        original_progress(step, total, metrics)
+        statuses.append(panel.status_label.text())
+
+    panel._relay.progressed.disconnect(original_progress)
+    panel._relay.progressed.connect(watch)
+    labels = panel.labels_combo.current_layer()
     panel.train_button.click()
     assert panel.running and not panel.train_button.isEnabled() and panel.cancel_button.isEnabled()
+    # The run copied its slices when it started: an edit made now is a correction for the next run.
+    edited = labels.data.copy()
+    edited[ANNOTATED[0]] = 0
+    labels.data = edited
     qtbot.waitUntil(lambda: panel.result is not None, timeout=WORKER_TIMEOUT_MS)
     result = panel.result
-    assert result.adapter_dir == tmp_path / "adapter" and result.stopped == "epochs"
+    assert result.adapter_dir == tmp_path / "adapter" and result.stopped == "steps"
     assert panel.progress_bar.value() == 1000
-    assert len(panel.plot.loss_points) == result.steps == 2  # 2 training slices, batch 2, 2 epochs
-    assert len(panel.plot.dice_points) == 3  # before training and after each epoch
+    assert len(panel.plot.loss_points) == result.steps == result.steps_planned == 2
+    assert len(panel.plot.dice_points) == 3  # before training and after each step
+    assert any(text.startswith("plan: 2 steps") and "estimated" in text for text in statuses)
+    assert any("step 1/2" in text and "ETA" in text and "held-out Dice" in text for text in statuses)
+    assert panel.tracker.changed_slices(labels) == [ANNOTATED[0]]
     assert "→" in panel.result_label.text() and "automatic" in panel.result_label.text()
     info = read_adapter_info(result.adapter_dir)
     assert info.class_ids == (SPLEEN, LIVER) and info.class_names == {SPLEEN: "spleen", LIVER: "liver"}
@@ -101,7 +118,7 @@ def test_learn_from_corrections_retrains_on_the_changed_slices(panel, qtbot, not
 
 def test_cancel_keeps_the_panel_usable(panel, qtbot):
     panel.extra_settings = {**panel.extra_settings, "views_per_slice": 3, "batch_size": 1}
-    panel.epochs_spin.setValue(50)
+    panel.steps_spin.setValue(300)
     panel.train_button.click()
     qtbot.waitUntil(lambda: len(panel.plot.loss_points) >= 1, timeout=WORKER_TIMEOUT_MS)
     steps_seen = len(panel.plot.loss_points)
@@ -110,7 +127,7 @@ def test_cancel_keeps_the_panel_usable(panel, qtbot):
     result = panel.result
     assert result.cancelled and result.adapter_dir is not None
     # At most the step under way and one whose progress signal was still queued when Cancel was pressed.
-    assert result.steps <= steps_seen + 2 < 6 * 50
+    assert result.steps <= steps_seen + 2 < 300
     assert panel.train_button.isEnabled() and panel.use_button.isEnabled()
     assert "cancelled" in panel.status_label.text()
 
