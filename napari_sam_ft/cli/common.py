@@ -76,18 +76,21 @@ def open_predictor(args, volume=None):
     from ..engine.cache import EmbeddingCache, default_cache_dir
     from ..engine.predictor import VolumePredictor
     from ..models.registry import load_model
+    from ..volume import choose_window
 
     if volume is None:
         volume = read_input_volume(args)
     device = select_device(args.device)
     model = load_model(args.model, args.checkpoint, device=device)
+    requested = getattr(args, "window", "auto")
+    window = choose_window(volume.array, parse_window(requested))
     if getattr(args, "adapter", None):
-        from ..finetune.adapters import load_adapter
+        from ..finetune.adapters import load_adapter, window_for_adapter
 
-        load_adapter(model, args.adapter)
+        # The adapter saw images windowed one way: apply that window, or refuse a different explicit one.
+        window = window_for_adapter(load_adapter(model, args.adapter), window, explicit=requested != "auto")
     cache = EmbeddingCache(disk_dir=None if args.no_disk_cache else default_cache_dir())
-    predictor = VolumePredictor(model, volume, window=parse_window(getattr(args, "window", "auto")), cache=cache,
-                                precision=args.precision)
+    predictor = VolumePredictor(model, volume, window=window, cache=cache, precision=args.precision)
     return volume, predictor
 
 
