@@ -19,8 +19,6 @@ from .io.geometry import default_slicing_axis, slicing_axes
 from .volume import Volume, VolumeError, choose_window, file_format_of
 
 GEOMETRY_KEY = "napari_sam_ft_geometry"
-# Labels hold small non-negative integer ids; an integer image with more distinct values is a scan.
-MAX_LABEL_IDS = 1000
 # Two layers lie on one voxel grid when their data-to-world matrices agree to this (mm, and relative).
 GRID_TOLERANCE_MM = 1e-3
 
@@ -163,24 +161,6 @@ def volume_for_layer(name: str, data, attributes: dict, scan_layers=(), file_pat
 
 
 # --- layer data tuples ---------------------------------------------------------------------------------------
-
-def looks_like_labels(volume: Volume) -> bool:
-    """True for integer-valued, non-negative volumes with few distinct values (a segmentation)."""
-    array = volume.array
-    sample = np.asarray(array[:: max(1, array.shape[0] // 16)])
-    if sample.dtype == bool:
-        return True
-    if np.issubdtype(sample.dtype, np.floating):
-        name = (volume.name or "").lower()
-        hinted = any(word in name for word in ("seg", "label", "mask"))
-        if not hinted or not np.isfinite(sample).all() or not np.array_equal(sample, np.rint(sample)):
-            return False
-    elif not np.issubdtype(sample.dtype, np.integer):
-        return False
-    if sample.size and sample.min() < 0:
-        return False
-    return len(np.unique(sample)) <= MAX_LABEL_IDS
-
 
 def image_layer_data(volume: Volume, name: str | None = None, **geometry_extra) -> tuple:
     """An Image layer data tuple, shown through the same intensity window the model sees ("auto")."""

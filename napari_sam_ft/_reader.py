@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ._layer_data import (GEOMETRY_KEY, channel_layers_data, image_layer_data, labels_layer_data, looks_like_labels,
-                          smallest_label_dtype)
+from ._layer_data import GEOMETRY_KEY, channel_layers_data, image_layer_data, labels_layer_data, smallest_label_dtype
+from .io.content import looks_like_labels
 from .volume import VolumeError, check_intensities, read_channels, read_volume
 
 # npe2's "accepted the file, opened no layers" value: napari then tries no other reader and raises nothing.
@@ -30,6 +30,8 @@ ARRAY_SUFFIXES = (".tif", ".tiff", ".npy")
 # A 4D file with at most this many channels (T1/T1c/T2/FLAIR) opens every channel as a layer.
 MAX_CHANNEL_LAYERS = 4
 RGB_SAMPLES = (3, 4)
+# A folder is searched this far for a DICOM file before it is left to other readers (a zarr store holds thousands).
+MAX_FILES_SNIFFED = 256
 
 
 def single_path(path) -> str | None:
@@ -48,17 +50,35 @@ def get_reader(path: str | list[str]):
 
 def claims(path: Path) -> bool:
     """True for what this reader can open: a scan file, a DICOM folder or file, a 3D TIFF or .npy."""
-    from .io.dicom import is_dicom_file, is_dicom_path
+    from .io.dicom import is_dicom_file
 
     lower = path.name.lower()
     if path.is_dir():
-        return is_dicom_path(path)
+        return holds_dicom(path)
     if lower.endswith(SCAN_SUFFIXES):
         return True
     if lower.endswith(ARRAY_SUFFIXES):
         shape, rgb = array_file_shape(path)
         return shape is not None and not rgb and spatial_ndim(shape) >= 3
-    return "." not in lower and is_dicom_file(path)  # DICOM files from a PACS often have no suffix
+    return is_dicom_file(path)  # PACS exports often name files by UID or number, without a suffix
+
+
+def holds_dicom(folder: Path) -> bool:
+    """A DICOM file among the first ``MAX_FILES_SNIFFED`` files in or below ``folder`` (hidden ones skipped)."""
+    from .io.dicom import is_dicom_file
+
+    sniffed = 0
+    for root, directories, names in os.walk(folder):
+        directories[:] = sorted(name for name in directories if not name.startswith("."))
+        for name in sorted(names):
+            if name.startswith("."):
+                continue
+            if is_dicom_file(Path(root) / name):
+                return True
+            sniffed += 1
+            if sniffed >= MAX_FILES_SNIFFED:
+                return False
+    return False
 
 
 def array_file_shape(path: Path) -> tuple[tuple[int, ...] | None, bool]:
@@ -96,9 +116,9 @@ def read_layers(path: str | list[str], **_ignored) -> list[tuple]:
 
 def read_layer_data_list(path: Path) -> list[tuple]:
     """The layer data tuples for ``path``; raises ``VolumeError`` for anything that is not a usable scan."""
-    from .io.dicom import is_dicom_path
+    from .io.dicom import is_dicom_file
 
-    if is_dicom_path(path):
+    if path.is_dir() or is_dicom_file(path):
         return read_dicom_layers(path)
     count = channel_count(path)
     if count <= 1:

@@ -6,12 +6,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from napari_sam_ft._layer_data import GEOMETRY_KEY, looks_like_labels, volume_from_layer
+from napari_sam_ft._layer_data import GEOMETRY_KEY, volume_from_layer
 from napari_sam_ft._reader import NO_LAYERS, get_reader, read_layers
 from napari_sam_ft._sample_data import make_ct_sample, make_mr_sample
 from napari_sam_ft._writer import write_image, write_labels
 from napari_sam_ft.sample import sample_paths
-from napari_sam_ft.volume import Volume, VolumeError
+from napari_sam_ft.volume import VolumeError
 
 
 @pytest.fixture
@@ -36,12 +36,18 @@ def read_one(path):
     return layers[0]
 
 
-def test_reader_accepts_only_supported_single_files(tmp_path):
+def test_reader_claims_only_what_it_can_read(tmp_path):
     ct_path, _ = sample_paths("ct")
     assert get_reader(str(ct_path)) is read_layers
     assert get_reader([str(ct_path)]) is read_layers
     assert get_reader(str(tmp_path / "picture.png")) is None
     assert get_reader([str(ct_path), str(ct_path)]) is None
+    np.save(tmp_path / "slice.npy", np.zeros((32, 32), np.float32))
+    np.save(tmp_path / "photo.npy", np.zeros((32, 32, 3), np.uint8))
+    np.save(tmp_path / "stack.npy", np.zeros((4, 32, 32), np.float32))
+    assert get_reader(str(tmp_path / "slice.npy")) is None and get_reader(str(tmp_path / "photo.npy")) is None
+    assert get_reader(str(tmp_path / "stack.npy")) is read_layers
+    assert get_reader(str(tmp_path)) is None  # a folder without DICOM
 
 
 def test_ct_opens_as_an_image_with_scale_translate_and_geometry():
@@ -125,13 +131,6 @@ def test_samples_give_an_image_and_its_reference_labels():
     assert meta["metadata"]["class_names"][1] == "spleen" and (labels == 1).any()
 
 
-def test_a_2d_npy_gives_one_notification_and_no_layer(tmp_path, notifications):
-    path = tmp_path / "slice.npy"
-    np.save(path, np.random.default_rng(0).random((32, 32)))
-    assert read_layers(str(path)) == NO_LAYERS
-    assert len(notifications) == 1 and "is 2D" in notifications[0] and "slice.npy" in notifications[0]
-
-
 def test_a_4d_nifti_opens_each_channel_as_a_3d_layer_that_reopens_as_that_channel(tmp_path):
     path = tmp_path / "series.nii.gz"
     data = np.random.default_rng(0).random((8, 9, 6, 3)).astype(np.float32)
@@ -154,15 +153,16 @@ def test_a_damaged_file_gives_one_notification(tmp_path, notifications):
     assert len(notifications) == 1 and "broken.nii.gz" in notifications[0]
 
 
-def test_labels_are_told_from_scans():
-    ct = Volume(np.random.default_rng(0).integers(-1000, 1000, (4, 8, 8)).astype(np.int16))
-    assert not looks_like_labels(ct)
-    assert looks_like_labels(Volume(np.random.default_rng(0).integers(0, 5, (4, 8, 8)).astype(np.uint8)))
-    float_mask = np.random.default_rng(0).integers(0, 3, (4, 8, 8)).astype(np.float32)
-    assert not looks_like_labels(Volume(float_mask))  # a float image without a name saying otherwise
-    from pathlib import Path
-
-    assert looks_like_labels(Volume(float_mask, source_path=Path("liver_mask.nii.gz")))
+def test_an_8_bit_scan_opens_as_an_image_and_a_mask_as_labels(tmp_path):
+    """An 8-bit scan has fewer grey levels than MAX_LABEL_IDS: the reader must still call it an Image."""
+    mr_path, labels_path = sample_paths("mr")
+    mr = nib.load(str(mr_path))
+    values = np.asanyarray(mr.dataobj).astype(np.float32)
+    scan_8bit = np.rint(255 * (values - values.min()) / (values.max() - values.min())).astype(np.uint8)
+    path = tmp_path / "t1_8bit.nii.gz"
+    nib.save(nib.Nifti1Image(scan_8bit, mr.affine), str(path))
+    assert read_one(path)[2] == "image"
+    assert read_one(labels_path)[2] == "labels"
 
 
 def test_layer_data_that_is_not_3d_is_refused():
