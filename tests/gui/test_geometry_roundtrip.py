@@ -184,3 +184,35 @@ def test_a_labels_layer_off_the_scan_grid_is_refused_with_the_reason(make_napari
         viewer.layers.save(str(tmp_path / "mask.nii.gz"), selected=True, plugin=PLUGIN)
     assert "example_mr_sm" in str(refused.value)
     assert not (tmp_path / "mask.nii.gz").exists()
+
+
+def test_dicom_seg_of_a_painted_mask_references_the_images_under_the_brush(make_napari_viewer, tmp_path):
+    """The SEG's frames, read with pydicom alone, put each painted voxel on the source image it was painted on."""
+    import pydicom
+    from dicom_series import write_ct_series
+
+    affine = np.array([[-0.8, 0, 0, 120.0], [0, -0.8, 0, 95.0], [0, 0, 2.5, -40.0], [0, 0, 0, 1]])
+    series = write_ct_series(tmp_path / "series", unique_volume((24, 20, 6)), affine)
+    viewer = make_napari_viewer()
+    [image] = viewer.open(str(tmp_path / "series"), plugin=PLUGIN)
+    labels = labels_by_new_labels_action(viewer, image)
+    painted = paint(labels, distinctive_voxels(np.asarray(image.data), 3))
+    seg = pydicom.dcmread(str(save(viewer, labels, tmp_path / "mask.dcm")))
+    assert seg.Modality == "SEG" and seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series["series_uid"]
+    sources = {str(ds.SOPInstanceUID): ds for ds in (pydicom.dcmread(str(path)) for path in series["files"])}
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    orientation = np.array(shared.PlaneOrientationSequence[0].ImageOrientationPatient, float)
+    spacing = np.array(shared.PixelMeasuresSequence[0].PixelSpacing, float)
+    tracking = {int(item.SegmentNumber): str(item.TrackingID) for item in seg.SegmentSequence}
+    for frame, group in zip(seg.pixel_array.reshape(-1, seg.Rows, seg.Columns), seg.PerFrameFunctionalGroupsSequence):
+        label = int(tracking[int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber)].split()[-1])
+        [(row, column)] = np.argwhere(frame)
+        position = np.array(group.PlanePositionSequence[0].ImagePositionPatient, float)
+        source_uid = str(group.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+        source = sources[source_uid]
+        # The frame lies on its source image's pixel grid, so (row, column) is the same pixel in both.
+        np.testing.assert_allclose(np.array(source.ImagePositionPatient, float), position, atol=1e-3)
+        np.testing.assert_allclose(np.array(source.ImageOrientationPatient, float), orientation, atol=1e-6)
+        np.testing.assert_allclose(np.array(source.PixelSpacing, float), spacing, atol=1e-6)
+        value = source.pixel_array[row, column] * float(source.RescaleSlope) + float(source.RescaleIntercept)
+        assert value == image.data[painted[label]], (label, painted[label])
