@@ -177,6 +177,10 @@ def image_layer_data(volume: Volume, name: str | None = None, **geometry_extra) 
     return volume.array, meta, "image"
 
 
+def channel_layer_name(name: str, channel: int) -> str:
+    return f"{name} [channel {channel}]"
+
+
 def channel_layers_data(volume: Volume, channels, name: str | None = None) -> list[tuple]:
     """One Image layer per channel of a (Z, Y, X, C) volume, each named after its channel.
 
@@ -184,9 +188,26 @@ def channel_layers_data(volume: Volume, channels, name: str | None = None) -> li
     (geometry "channel"), so a session saved on it reopens that channel.
     """
     base = name or volume.name
-    return [image_layer_data(volume.with_array(volume.array[..., index]), name=f"{base} [channel {channel}]",
+    return [image_layer_data(volume.with_array(volume.array[..., index]), name=channel_layer_name(base, channel),
                              channel=int(channel))
             for index, channel in enumerate(channels)]
+
+
+def scan_layers_data(volume: Volume, channels=None) -> list[tuple]:
+    """A scan as the Segment widget takes it: one 3D Image layer, or one per channel of a (Z, Y, X, C) volume.
+
+    ``channels`` are the file channels the volume holds (a session's choice); one channel names its layer.
+    """
+    if volume.array.ndim == 4:
+        return channel_layers_data(volume, channels if channels else range(volume.num_channels))
+    if channels:
+        return [image_layer_data(volume, name=channel_layer_name(volume.name, channels[0]), channel=int(channels[0]))]
+    return [image_layer_data(volume)]
+
+
+def layer_channel(layer) -> int | None:
+    """The file channel an Image layer shows (a 4D file opened channel by channel), or None."""
+    return (layer.metadata.get(GEOMETRY_KEY) or {}).get("channel")
 
 
 def labels_layer_data(volume: Volume, name: str | None = None, class_names: dict[int, str] | None = None) -> tuple:

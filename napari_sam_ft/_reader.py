@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ._layer_data import GEOMETRY_KEY, channel_layers_data, image_layer_data, labels_layer_data, smallest_label_dtype
+from ._layer_data import (GEOMETRY_KEY, channel_layer_name, image_layer_data, labels_layer_data, scan_layers_data,
+                          smallest_label_dtype)
 from .io.content import looks_like_labels
 from .volume import VolumeError, check_intensities, read_channels, read_volume
 
@@ -154,7 +155,7 @@ def channel_count(path: Path) -> int:
 def read_layer_data(path: Path, channel: int | None = None, series_uid: str | None = None) -> tuple:
     """One layer data tuple: Labels for a segmentation, otherwise an Image."""
     volume = read_volume(path, channel=channel, series_uid=series_uid, check_values=False)
-    name = None if channel is None else f"{volume.name} [channel {channel}]"
+    name = None if channel is None else channel_layer_name(volume.name, channel)
     if looks_like_labels(volume):
         array = np.asarray(volume.array)
         if np.issubdtype(array.dtype, np.floating):
@@ -185,10 +186,7 @@ def read_channel_layers(path: Path, count: int) -> list[tuple]:
     for first in range(0, count, 3):
         chosen = list(range(first, min(first + 3, count)))
         volume = read_channels(path, chosen)
-        if volume.array.ndim == 3:
-            layers.append(image_layer_data(volume, name=f"{volume.name} [channel {chosen[0]}]", channel=chosen[0]))
-        else:
-            layers.extend(channel_layers_data(volume, chosen))
+        layers.extend(scan_layers_data(volume, chosen))
     tell_if_oblique(volume)
     return layers
 

@@ -18,7 +18,7 @@ from qtpy.QtCore import QTimer, Signal
 from qtpy.QtWidgets import (QFileDialog, QFormLayout, QFrame, QHBoxLayout, QLabel, QPushButton, QVBoxLayout,
                             QWidget)
 
-from .._layer_data import GEOMETRY_KEY, image_layer_data, labels_layer_data, volume_from_layer
+from .._layer_data import GEOMETRY_KEY, labels_layer_data, layer_channel, scan_layers_data, volume_from_layer
 from ..engine.prompts import NAPARI_TO_PIXEL, SlicePrompt, points_zyx_to_prompts, rectangle_zyx_to_box
 from ..session import (AUTOSAVE_EVERY_EDITS, SESSION_SUFFIX, AutosaveInfo, Autosaver, SessionError, discard_autosave,
                        find_recoverable_autosave, open_session, restore_autosave, save_session, session_from_volume)
@@ -294,6 +294,8 @@ class SessionPanel(QWidget):
             volume = volume_from_layer(image.data, image.metadata, image.scale, image.translate)
             choices = {key: value for key, value in (image.metadata.get(CHOICES_KEY) or {}).items()
                        if key in CHOICE_FIELDS}
+            if layer_channel(image) is not None:  # one channel of a 4D file: what this layer shows and segments
+                choices["channels"] = [layer_channel(image)]
             state = session_from_volume(volume, reviewed_slices=sorted(self.reviewed_slices),
                                         prompts=self._prompts(volume.num_slices), **choices)
             path = save_session(session_path, state, None if labels is None else np.asarray(labels.data), like=volume)
@@ -315,13 +317,16 @@ class SessionPanel(QWidget):
         for warning in opened.warnings:
             show_warning(warning)
         state, volume = opened.state, opened.volume
+        # A session on several channels opens one 3D layer per channel (the Segment widget takes 3D layers).
+        first_channel = state.channels[0] if state.channels else None
         image = next((layer for layer in self._viewer.layers if isinstance(layer, Image)
                       and image_source_path(layer) is not None
                       and image_source_path(layer).resolve() == Path(state.image_path).resolve()
-                      and tuple(layer.data.shape) == tuple(volume.array.shape)), None)
+                      and tuple(layer.data.shape) == tuple(volume.shape) and layer_channel(layer) == first_channel),
+                     None)
         if image is None:
-            data, kwargs, _ = image_layer_data(volume)
-            image = self._viewer.add_image(data, **kwargs)
+            image = [self._viewer.add_image(data, **kwargs) for data, kwargs, _ in
+                     scan_layers_data(volume, state.channels)][0]
         image.metadata[CHOICES_KEY] = {key: getattr(state, key) for key in CHOICE_FIELDS}
         labels = None
         if opened.labels is not None:

@@ -127,3 +127,33 @@ def test_a_long_4d_file_opens_its_first_volume_and_offers_the_others(make_napari
     fourth = viewer.layers[-1]
     assert fourth.name == "bold [channel 4]" and fourth.metadata[GEOMETRY_KEY]["channel"] == 4
     np.testing.assert_array_equal(np.asarray(fourth.data), np.transpose(series[..., 4], (2, 1, 0))[:, ::-1, ::-1])
+
+
+def test_a_session_on_two_channels_reopens_as_3d_layers_the_segment_widget_takes(make_napari_viewer, tmp_path,
+                                                                                 monkeypatch):
+    from napari.layers import Image
+
+    from napari_sam_ft._widgets._layers import LayerVolume
+    from napari_sam_ft._widgets.session_panel import SessionPanel
+    from napari_sam_ft.session import read_session_file, read_session_volume, save_session, session_from_volume
+
+    monkeypatch.setenv("NAPARI_SAM_FT_AUTOSAVE", str(tmp_path / "autosave"))
+    path = tmp_path / "multi.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((12, 10, 5, 3)).astype(np.float32),
+                             np.diag([2.0, 2.0, 3.0, 1.0])), str(path))
+    volume = read_session_volume(path, None, [0, 2])  # what `--channels 0,2` segments: (Z, Y, X, 2)
+    mask = np.zeros(volume.shape, np.uint8)
+    mask[2, 3:5, 4:7] = 1
+    session = save_session(tmp_path / "multi.session.json", session_from_volume(volume, channels=[0, 2]), mask,
+                           like=volume)
+    viewer = make_napari_viewer()
+    panel = SessionPanel(viewer)
+    image, labels = panel.open(session)
+    images = [layer for layer in viewer.layers if isinstance(layer, Image)]
+    assert [layer.name for layer in images] == ["multi [channel 0]", "multi [channel 2]"]
+    assert all(layer.data.ndim == 3 for layer in images) and image is images[0]
+    assert LayerVolume().get(image).shape == volume.shape  # the Segment widget's view of its image layer
+    np.testing.assert_array_equal(labels.data, mask)
+    np.testing.assert_allclose(labels.translate, image.translate)
+    again = panel.save(tmp_path / "again.session.json")  # saved from one channel's layer: reopens that channel
+    assert read_session_file(again).channels == [0]
