@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from ._layer_data import (GEOMETRY_KEY, channel_layer_name, image_layer_data, labels_layer_data, scan_layers_data,
-                          smallest_label_dtype)
+                          smallest_label_dtype, volume_from_layer)
 from .io.content import looks_like_labels
-from .volume import VolumeError, check_intensities, read_channels, read_volume
+from .volume import Volume, VolumeError, check_intensities, read_channels, read_labels, read_volume
 
 # npe2's "accepted the file, opened no layers" value: napari then tries no other reader and raises nothing.
 NO_LAYERS = [(None,)]
@@ -118,7 +118,10 @@ def read_layers(path: str | list[str], **_ignored) -> list[tuple]:
 def read_layer_data_list(path: Path) -> list[tuple]:
     """The layer data tuples for ``path``; raises ``VolumeError`` for anything that is not a usable scan."""
     from .io.dicom import is_dicom_file
+    from .io.dicom_seg import is_dicom_seg
 
+    if is_dicom_seg(path):
+        return [labels_layer_data(labels_on_open_scan(path, None))]
     if path.is_dir() or is_dicom_file(path):
         return read_dicom_layers(path)
     count = channel_count(path)
@@ -153,10 +156,11 @@ def channel_count(path: Path) -> int:
 
 
 def read_layer_data(path: Path, channel: int | None = None, series_uid: str | None = None) -> tuple:
-    """One layer data tuple: Labels for a segmentation, otherwise an Image."""
+    """One layer data tuple: Labels for a segmentation (on the grid of the open scan it lies on), otherwise an Image."""
     volume = read_volume(path, channel=channel, series_uid=series_uid, check_values=False)
     name = None if channel is None else channel_layer_name(volume.name, channel)
     if looks_like_labels(volume):
+        volume = labels_on_open_scan(path, volume) if channel is None else volume
         array = np.asarray(volume.array)
         if np.issubdtype(array.dtype, np.floating):
             array = np.rint(array)
@@ -165,6 +169,38 @@ def read_layer_data(path: Path, channel: int | None = None, series_uid: str | No
     tell_if_oblique(volume)
     extra = {} if channel is None else {"channel": int(channel)}
     return image_layer_data(volume, name=name, **extra)
+
+
+def open_scans() -> list:
+    """Volumes of the scans open in the current viewer (Image layers with our geometry), newest first."""
+    from napari import current_viewer
+    from napari.layers import Image
+
+    viewer = current_viewer()
+    if viewer is None:
+        return []
+    return [volume_from_layer(layer.data, layer.metadata) for layer in reversed(viewer.layers)
+            if isinstance(layer, Image) and GEOMETRY_KEY in layer.metadata and np.ndim(layer.data) == 3]
+
+
+def labels_on_open_scan(path: Path, labels: Volume | None) -> Volume:
+    """A label file put on the grid of the open scan it lies on (by world geometry: another voxel order, flipped
+    axes, a Slicer segmentation cropped to its extent); on its own grid when no open scan shares its world.
+
+    ``labels`` is the file read on its own (None for a DICOM SEG, which only exists over its series).
+    """
+    for scan in open_scans():
+        if labels is not None and labels.shape == scan.shape and np.allclose(
+                labels.world_affine, scan.world_affine, atol=1e-3):
+            return labels  # already the scan's grid, shown the same way
+        try:
+            return read_labels(path, like=scan)
+        except VolumeError:
+            continue  # not this scan's grid; try the next
+    if labels is None:
+        raise VolumeError(f"{path}: is a DICOM SEG; open the DICOM series it segments first, then open the SEG "
+                          "over it")
+    return labels
 
 
 def tell_if_oblique(volume) -> None:

@@ -216,3 +216,31 @@ def test_dicom_seg_of_a_painted_mask_references_the_images_under_the_brush(make_
         np.testing.assert_allclose(np.array(source.PixelSpacing, float), spacing, atol=1e-6)
         value = source.pixel_array[row, column] * float(source.RescaleSlope) + float(source.RescaleIntercept)
         assert value == image.data[painted[label]], (label, painted[label])
+    [reopened] = viewer.open(str(tmp_path / "mask.dcm"), plugin=PLUGIN)  # a SEG opens over its series
+    np.testing.assert_array_equal(reopened.data, labels.data)
+
+
+def test_nifti_labels_on_a_crop_of_an_nrrd_scan_open_on_the_scan(make_napari_viewer, tmp_path):
+    """A label file in another format, voxel order and extent (a crop) is put on the open scan's grid by world
+    geometry; SimpleITK writes the crop and says which scan voxels it labels."""
+    ct_path = case("slicer_ctchest.nrrd")
+    scan = sitk.ReadImage(str(ct_path))
+    scan_voxels = sitk.GetArrayFromImage(scan)  # (k, j, i)
+    voxels = distinctive_voxels(scan_voxels, 3, seed=1)
+    mask = sitk.Image(scan.GetSize(), sitk.sitkUInt8)
+    mask.CopyInformation(scan)
+    for label, (k, j, i) in enumerate(voxels, start=1):
+        mask[i, j, k] = label
+    low = np.min([voxel[::-1] for voxel in voxels], axis=0) - 2
+    high = np.max([voxel[::-1] for voxel in voxels], axis=0) + 3
+    low, high = np.maximum(low, 0), np.minimum(high, scan.GetSize())
+    crop = sitk.RegionOfInterest(mask, [int(value) for value in high - low], [int(value) for value in low])
+    sitk.WriteImage(crop, str(tmp_path / "crop_labels.nii.gz"))
+    viewer = make_napari_viewer()
+    [image] = viewer.open(str(ct_path), plugin=PLUGIN)
+    [labels] = viewer.open(str(tmp_path / "crop_labels.nii.gz"), plugin=PLUGIN)
+    assert labels.data.shape == image.data.shape
+    np.testing.assert_allclose(labels.translate, image.translate)
+    for label, (k, j, i) in enumerate(voxels, start=1):
+        [displayed] = np.argwhere(np.asarray(labels.data) == label)
+        assert image.data[tuple(displayed)] == scan_voxels[k, j, i]
