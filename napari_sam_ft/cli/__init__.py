@@ -12,7 +12,7 @@ import importlib
 import sys
 
 COMMAND_MODULES = ("napari_sam_ft.cli.engine_commands", "napari_sam_ft.cli.finetune", "napari_sam_ft.cli.session",
-                   "napari_sam_ft.cli.bench")
+                   "napari_sam_ft.cli.bench", "napari_sam_ft.cli.batch")
 
 
 def build_parser() -> argparse.ArgumentParser:

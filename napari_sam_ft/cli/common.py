@@ -74,32 +74,29 @@ def open_predictor(args, volume=None):
     """The volume and a ``VolumePredictor`` for it, configured from the common options."""
     from ..devices import select_device
     from ..engine.cache import EmbeddingCache, default_cache_dir
-    from ..engine.predictor import VolumePredictor
     from ..models.registry import load_model
-    from ..volume import choose_window
+    from ..scan_jobs import predictor_for
 
     if volume is None:
         volume = read_input_volume(args)
     device = select_device(args.device)
     model = load_model(args.model, args.checkpoint, device=device)
-    requested = getattr(args, "window", "auto")
-    window = choose_window(volume.array, parse_window(requested))
     if getattr(args, "adapter", None):
-        from ..finetune.adapters import load_adapter, window_for_adapter
+        from ..finetune.adapters import load_adapter
 
-        # The adapter saw images windowed one way: apply that window, or refuse a different explicit one.
-        window = window_for_adapter(load_adapter(model, args.adapter), window, explicit=requested != "auto")
+        load_adapter(model, args.adapter)
     cache = EmbeddingCache(disk_dir=None if args.no_disk_cache else default_cache_dir())
-    predictor = VolumePredictor(model, volume, window=window, cache=cache, precision=args.precision)
+    # Under an adapter, "auto" is the adapter's training window and a different explicit window is refused.
+    predictor = predictor_for(model, volume, parse_window(getattr(args, "window", "auto")), cache, args.precision)
     return volume, predictor
 
 
 @contextlib.contextmanager
-def progress_bar(description: str, total: int):
+def progress_bar(description: str, total: int, unit: str = "slice"):
     """A tqdm bar on stderr driven by the engine's ``progress(done, total)`` callbacks."""
     from tqdm import tqdm
 
-    with tqdm(total=total, desc=description, unit="slice", file=sys.stderr, leave=False,
+    with tqdm(total=total, desc=description, unit=unit, file=sys.stderr, leave=False,
               disable=not sys.stderr.isatty()) as bar:
         def update(done: int, new_total: int, *_) -> None:
             if bar.total != new_total:

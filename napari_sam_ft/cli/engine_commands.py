@@ -153,18 +153,16 @@ def run_auto(args) -> int:
 
 
 def run_evaluate(args) -> int:
-    from ..evaluate import evaluate, parse_slice_range
-    from ..sample import class_names_for
-    from ..volume import read_labels, write_volume
+    from ..evaluate import parse_slice_range
+    from ..scan_jobs import evaluate_against
+    from ..volume import write_volume
 
     volume, predictor = open_predictor(args)
-    reference = read_labels(args.labels, like=volume)
     slice_range = parse_slice_range(args.slices, volume.num_slices)
     class_ids = [int(value) for value in args.classes.split(",")] if args.classes else None
     with progress_bar(f"evaluating ({args.prompt})", slice_range[1] - slice_range[0] + 1) as update:
-        report, prediction = evaluate(predictor, reference.array, args.prompt, slice_range, class_ids,
-                                      class_names=reference.class_names or class_names_for(args.labels),
-                                      progress=update)
+        report, prediction, reference = evaluate_against(predictor, args.labels, args.prompt, args.slices, class_ids,
+                                                         progress=update)
     if args.output:
         write_volume(args.output, prediction.astype("uint16"), like=volume, class_names=reference.class_names)
     print_report(report)
