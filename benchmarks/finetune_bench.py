@@ -79,13 +79,15 @@ def annotated_slices(reference: np.ndarray, class_ids, per_structure: int) -> li
 
 # -- scores ---------------------------------------------------------------------------------------
 def box_dice(predictor, reference: np.ndarray, slices: list[int], class_ids) -> float:
-    """Mean Dice of the tight-box prompt of every (slice, class) object present in the reference."""
+    """Mean Dice of the tight-box prompt of every object (connected piece of a class) on the held-out slices,
+    as a user boxes each piece they see (``finetune.validation.objects_on_slice``)."""
     from napari_sam_ft.engine.prompts import box_from_mask
+    from napari_sam_ft.finetune.validation import objects_on_slice
     from napari_sam_ft.metrics import dice
 
     scores = []
     for z in slices:
-        masks = [reference[z] == class_id for class_id in class_ids if (reference[z] == class_id).any()]
+        masks = [mask for _, mask in objects_on_slice(reference[z], class_ids)]
         if not masks:
             continue
         predicted, _ = predictor.predict_boxes(np.stack([box_from_mask(mask) for mask in masks]), slice_index=z)

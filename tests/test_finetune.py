@@ -35,10 +35,20 @@ def data(ct):
 
 
 def engine_validation_scores(model, ct, data, modes):
-    """The validation slice (14) scored through the engine's predictor, with the adapter loaded on ``model``."""
+    """The validation slice (14) scored through the engine, with the adapter loaded on ``model``: prompts
+    through the predictor's embeddings, the automatic mode through ``segment_slice`` (which finds the
+    adapter's field of view again when the head was trained on it)."""
+    from napari_sam_ft.engine.automatic import segment_slice
+    from napari_sam_ft.finetune.validation import ClassDice
+
     predictor = VolumePredictor(model, ct.image)
+    prompted = tuple(mode for mode in modes if mode != "none")
     scores = score_slices(model.sam, model.preprocessing, [predictor.embedding(14)], [data.validation[0].labels],
-                          data.class_ids, modes, head=model.class_head)
+                          data.class_ids, prompted, head=model.class_head) if prompted else {}
+    if "none" in modes:
+        accumulator = ClassDice(data.class_ids)
+        accumulator.add(segment_slice(predictor, 14), data.validation[0].labels)
+        scores["none"] = accumulator.mean()
     return predictor, scores
 
 
@@ -133,8 +143,19 @@ def test_lora_run_tunes_the_encoder_and_the_engine_reproduces_its_validation(mod
         assert info.scope == "lora" and model.encoder_adapted and model.class_ids == (1, 5)
         # The engine re-encodes with the adapted encoder (own cache key) and gets the stored validation Dice.
         predictor, scores = engine_validation_scores(model, ct, data, ("none",))
-        assert predictor.cache_key.adapter_id == info.adapter_id
         assert scores["none"] == pytest.approx(info.val_dice_after["none"], abs=1e-6)
+        # The head trained on the window around the annotations; outside its slice range nothing is encoded.
+        assert info.metadata["cropped"]
+        view = info.metadata["fields_of_view"][0]
+        assert view["volume_shape"] == list(ct.image.shape) and view["rows"][1] - view["rows"][0] < ct.image.shape[1]
+        from napari_sam_ft.engine.automatic import segment_volume
+
+        predictor = VolumePredictor(model, ct.image)
+        labels = segment_volume(predictor)
+        first, stop = view["slices"]
+        assert 0 < first and stop < ct.image.num_slices
+        assert not labels[:first].any() and not labels[stop:].any()
+        assert predictor.encoder_calls <= -(-(stop - first) // 4)  # batches of 4 slices inside the range only
     finally:
         unload_adapter(model)
 

@@ -24,6 +24,7 @@ from ..finetune.adapters import AdapterError, check_output_folder
 from ..finetune.data import FinetuneDataError, VolumeAnnotations, annotated_slices, build_training_data, parse_slice_list
 from ..finetune.scopes import SCOPES
 from ..finetune.train import PROMPT_MODES, TrainingResult, TrainSettings, train_adapter
+from ..models.registry import DEFAULT_MODEL, MODELS
 from ._controls import widget_row
 from ._layer_combo import LayerComboBox
 from .finetune_corrections import CorrectionTracker
@@ -31,6 +32,7 @@ from .finetune_plot import TrainingPlot
 
 PROMPT_LABELS = {"mixed": "mixed (automatic + prompts)", "box": "box", "point": "point", "none": "none (automatic)"}
 SKIPPED_LABEL_LAYERS = ("SAM preview",)  # the segment panel's preview is not an annotation
+SEGMENT_PANEL_MODEL = "as in the Segment panel"
 PAIR_ROLE = Qt.ItemDataRole.UserRole  # where a listed pair keeps its (image, labels) layer names
 
 
@@ -81,6 +83,7 @@ class FinetuneWidget(QWidget):
         self._last_split: dict[int, tuple[list[int], list[int]]] = {}
         self._correction_runs = 0
         self.dice_before = float("nan")  # held-out Dice of the base model in the current run
+        self._loaded_models: dict = {}  # (registry name, checkpoint) -> LoadedModel chosen in the model box
         self._build_ui()
 
     # -- layout -----------------------------------------------------------------------------------
@@ -100,6 +103,14 @@ class FinetuneWidget(QWidget):
                                     "never used unless listed here")
         self.validation_edit = QLineEdit()
         self.validation_edit.setPlaceholderText("automatic (20%, at least 1)")
+        self.model_combo = QComboBox()
+        self.model_combo.addItem(SEGMENT_PANEL_MODEL, None)
+        for name, spec in MODELS.items():
+            self.model_combo.addItem(name, name)
+            self.model_combo.setItemData(self.model_combo.count() - 1, spec.description, Qt.ItemDataRole.ToolTipRole)
+        self.model_combo.setToolTip("the base model to adapt: an adapter only works with the model it was trained on")
+        self.checkpoint_edit = QLineEdit()
+        self.checkpoint_edit.setPlaceholderText("embedded weights (LiteMedSAM); others need a checkpoint file")
         self.scope_combo = QComboBox()
         self.scope_combo.addItems(SCOPES)
         self.scope_combo.setToolTip("lora: LoRA on encoder and decoder attention; decoder: the mask decoder only "
@@ -152,6 +163,8 @@ class FinetuneWidget(QWidget):
         form.addRow(self.pairs_list)
         form.addRow("slices", self.slices_edit)
         form.addRow("validation", self.validation_edit)
+        form.addRow("model", self.model_combo)
+        form.addRow("checkpoint", self.checkpoint_edit)
         form.addRow("scope", self.scope_combo)
         form.addRow("prompt mode", self.prompt_combo)
         form.addRow("steps", self.steps_spin)
@@ -255,7 +268,10 @@ class FinetuneWidget(QWidget):
         self.status_label.setStyleSheet("")
         self.dice_before = float("nan")
         self._set_running(True)
-        base_model = self._model or self._segment_model()
+        chosen = self.model_combo.currentData()
+        checkpoint = self.checkpoint_edit.text().strip() or None
+        base_model = self._model if chosen is None else None
+        base_model = base_model or (self._segment_model() if chosen is None else None)
         # ``data`` holds copies of the annotated slices: edits made while this run trains are not in it,
         # so they are counted as corrections for the next run from this moment on.
         for layer in labels_layers:
@@ -265,8 +281,12 @@ class FinetuneWidget(QWidget):
         def work() -> TrainingResult:
             from ..models.registry import load_model
 
-            model = base_model or load_model()
-            self._model = model
+            model = base_model or self._loaded_models.get((chosen, checkpoint))
+            if model is None:
+                model = load_model(chosen or DEFAULT_MODEL, checkpoint)
+                self._loaded_models[(chosen, checkpoint)] = model
+            if chosen is None:
+                self._model = model
             return train_adapter(model, data, output, settings, progress=self._relay.progressed.emit,
                                  should_cancel=self._cancel.is_set)
 

@@ -12,7 +12,8 @@ from pathlib import Path
 BENCHMARKS = {
     "encoder": ("engine_bench.py", "encoder s/slice (fp32 vs bf16), click latency, auto-segment vs a naive loop"),
     "compare": ("compare_naive.py", "Dice of the naive LiteMedSAM loop against napari-sam-ft on the same slices"),
-    "finetune": ("finetune_bench.py", "zero-shot vs decoder/lora/full adapting, in none and box modes"),
+    "finetune": ("finetune_bench.py", "few-shot adapting on ../shared/cases: zero-shot vs lora/decoder in none and "
+                 "box modes; held-out Dice, steps, seconds, adapter MB (--with-load: beside a CPU-bound process)"),
     "large": ("large_volume.py", "a generated 512x512x600 CT: peak RSS, time to first mask, auto-segment time"),
     "gui": ("gui_latency.py", "click-to-preview latency and UI responsiveness in a real viewer (needs a display)"),
 }

@@ -33,7 +33,7 @@ class AugmentSettings:
 
 def augment_pair(image_01: np.ndarray, labels: np.ndarray, rng: np.random.Generator, settings: AugmentSettings,
                  allow_flips: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """One random view of an (H, W) float32 [0, 1] image and its (H, W) int labels."""
+    """One random view of an (H, W) or (H, W, C) float32 [0, 1] image and its (H, W) int labels."""
     if not settings.enabled:
         return image_01, labels
     image = np.asarray(image_01, np.float32)
@@ -48,9 +48,13 @@ def augment_pair(image_01: np.ndarray, labels: np.ndarray, rng: np.random.Genera
         # Output pixel p samples input at M @ (p - centre) + centre: M = rotation(-angle) / scale.
         cos, sin = math.cos(angle) / scale, math.sin(angle) / scale
         matrix = np.array([[cos, -sin], [sin, cos]])
-        centre = (np.array(image.shape, float) - 1) / 2
+        centre = (np.array(image.shape[:2], float) - 1) / 2
         offset = centre - matrix @ centre
-        image = ndimage.affine_transform(image, matrix, offset, order=1, mode="nearest")
+        if image.ndim == 3:  # (H, W, C): the same transform for every channel
+            image = np.stack([ndimage.affine_transform(image[..., channel], matrix, offset, order=1, mode="nearest")
+                              for channel in range(image.shape[-1])], axis=-1)
+        else:
+            image = ndimage.affine_transform(image, matrix, offset, order=1, mode="nearest")
         labels = ndimage.affine_transform(np.ascontiguousarray(labels), matrix, offset, order=0, mode="constant",
                                           cval=0)
     if settings.intensity_jitter > 0:

@@ -33,14 +33,13 @@ class VolumeAnnotations:
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         image = self.image.array if isinstance(self.image, Volume) else np.asarray(self.image)
         labels = self.labels.array if isinstance(self.labels, Volume) else np.asarray(self.labels)
-        if image.ndim == 2:
-            image = image[None]
-        if labels.ndim == 2:
-            labels = labels[None]
+        if labels.ndim == 2:  # one 2D slice, its image grey (H, W) or multi-channel (H, W, C)
+            labels, image = labels[None], image[None]
         where = f"volume {self.name!r}" if self.name else "volume"
-        if image.ndim != 3:
-            raise FinetuneDataError(f"{where}: the image must be 3D (Z, Y, X) or 2D, got shape {image.shape}")
-        if labels.shape != image.shape:
+        if image.ndim not in (3, 4) or (image.ndim == 4 and image.shape[-1] not in (2, 3)):
+            raise FinetuneDataError(f"{where}: the image must be (Z, Y, X) or (Z, Y, X, C) with 2 or 3 channels, "
+                                    f"got shape {image.shape}")
+        if labels.shape != image.shape[:3]:
             raise FinetuneDataError(f"{where}: labels shape {labels.shape} does not match image shape {image.shape}")
         if not np.issubdtype(labels.dtype, np.integer):
             raise FinetuneDataError(f"{where}: labels must hold integer label ids, got dtype {labels.dtype}")
@@ -53,7 +52,7 @@ class AnnotatedSlice:
 
     volume_index: int
     slice_index: int
-    image_01: np.ndarray  # (H, W) float32, windowed to [0, 1]
+    image_01: np.ndarray  # (H, W) or (H, W, 3) float32, windowed to [0, 1]
     labels: np.ndarray  # (H, W) int32 label ids; ids outside the trained classes are already 0
 
     @property
@@ -164,6 +163,14 @@ class TrainingData:
 
         return (f"{len(self.train)} training slice(s) [{where(self.train)}], {len(self.validation)} validation "
                 f"slice(s) [{where(self.validation)}], {len(self.class_ids)} class(es)")
+
+
+def model_channels(slice_01: np.ndarray) -> np.ndarray:
+    """A windowed slice as the encoder takes it: (H, W) grey or (H, W, 3); a two-channel slice's third channel
+    is the mean of the two, as the engine's predictor makes it."""
+    if slice_01.ndim == 3 and slice_01.shape[-1] == 2:
+        slice_01 = np.concatenate([slice_01, slice_01.mean(axis=-1, keepdims=True)], axis=-1)
+    return np.ascontiguousarray(slice_01, np.float32)
 
 
 def annotated_slices(labels_zyx: np.ndarray) -> list[int]:
@@ -293,7 +300,7 @@ def build_training_data(volumes: Sequence[VolumeAnnotations], *, slices=None, va
         image, labels = arrays[volume_index]
         slice_labels = np.asarray(labels[slice_index]).astype(np.int32)
         slice_labels[~np.isin(slice_labels, class_ids)] = 0
-        return AnnotatedSlice(volume_index, slice_index, windows[volume_index].apply(image[slice_index]),
+        return AnnotatedSlice(volume_index, slice_index, model_channels(windows[volume_index].apply(image[slice_index])),
                               slice_labels)
 
     return TrainingData(train=[example(v, z) for v, z in train_keys],

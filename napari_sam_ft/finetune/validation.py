@@ -3,7 +3,7 @@
 ``decode_prompts`` and ``class_logits`` return logits on the slice grid (the same resizing the engine
 uses), with gradients when called with grad enabled. ``score_slices`` is the validation metric:
 
-* ``box`` / ``point``: one object per (slice, class) present in the reference, prompted with its tight
+* ``box`` / ``point``: one object per connected piece of a class on a slice, prompted with its tight
   box / its deepest interior point; the mean Dice over objects.
 * ``none``: the automatic head's argmax labels; per class, Dice over all scored slices together, then
   the mean over the classes present in the reference.
@@ -93,9 +93,21 @@ class ClassDice:
 
 
 def objects_on_slice(labels: np.ndarray, class_ids: Sequence[int]) -> list[tuple[int, np.ndarray]]:
-    """(class id, (H, W) bool mask) for every class present on a label slice."""
+    """(class id, (H, W) bool mask) for every object on a label slice: each connected piece of a class.
+
+    A user boxes or clicks each piece they see (a left and a right hippocampus are two boxes), so
+    prompted training and scoring do the same; one box around both would cover the brain between them.
+    """
+    from scipy import ndimage
+
     present = set(np.unique(labels).tolist())
-    return [(class_id, labels == class_id) for class_id in class_ids if class_id in present]
+    objects = []
+    for class_id in class_ids:
+        if class_id not in present:
+            continue
+        pieces, count = ndimage.label(labels == class_id)
+        objects.extend((class_id, pieces == piece) for piece in range(1, count + 1))
+    return objects
 
 
 @torch.no_grad()

@@ -158,3 +158,22 @@ def test_several_pairs_and_bad_input_are_handled(panel, notifications):
     assert not panel.start_training()
     assert any("only one annotated slice" in str(n.message) for n in notifications)
     assert not panel.running and panel.result is None
+
+
+def test_panel_trains_a_chosen_model_on_a_multi_channel_volume(panel, qtbot):
+    """An RGB-like (Z, Y, X, 3) image layer (e.g. three MRI sequences) trains with the model picked in the panel."""
+    viewer = panel._viewer
+    grey = np.asarray(viewer.layers["sample CT"].data, np.float32)
+    channels = viewer.add_image(np.stack([grey, grey * 0.5, np.flipud(grey)], axis=-1), name="three sequences",
+                                rgb=False, channel_axis=None)
+    panel.image_combo.select_layer(channels)
+    panel.model_combo.setCurrentIndex(panel.model_combo.findData("litemedsam"))
+    panel.steps_spin.setValue(1)
+    panel.output_edit.setText(str(panel.output_edit.text()) + "-channels")
+    assert panel.start_training()
+    qtbot.waitUntil(lambda: panel.result is not None and not panel.running, timeout=WORKER_TIMEOUT_MS)
+    result = panel.result
+    assert result.adapter_dir is not None and result.steps == 1
+    info = read_adapter_info(result.adapter_dir)
+    assert info.base_model_name == "litemedsam" and len(info.windows[0]["channels"]) == 3
+    assert panel._model is None  # the chosen model is the panel's own, not the Segment panel's
