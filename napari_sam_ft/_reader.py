@@ -137,22 +137,36 @@ def read_layer_data_list(path: Path) -> list[tuple]:
 
 
 def channel_count(path: Path) -> int:
-    """Channels (or time points) of a 4D file; 1 for a 3D one. Read from the header where the format allows."""
+    """Channels (or time points) of a 4D file, from its header alone; 1 for a 3D file (or one the full read
+    must judge). Readers put the channel axis last for formats with world geometry."""
     lower = path.name.lower()
-    if lower.endswith(ARRAY_SUFFIXES):
-        shape, _ = array_file_shape(path)
-    elif lower.endswith((".nii", ".nii.gz", ".mgz")):
-        import nibabel as nib
+    try:
+        if lower.endswith(ARRAY_SUFFIXES):
+            shape, _ = array_file_shape(path)
+            return 1 if shape is None or len(shape) != 4 else int(min(shape[0], shape[-1]))
+        if lower.endswith((".nii", ".nii.gz", ".mgz")):
+            import nibabel as nib
 
-        try:
             shape = nib.load(str(path)).shape
-        except Exception:  # the full read says what is wrong with it
-            return 1
-    else:
-        return 1  # NRRD/MHA channels are read with the volume itself
-    if shape is None or len(shape) != 4:
+            return int(shape[3]) if len(shape) == 4 else 1
+        if lower.endswith((".nrrd", ".nhdr")) and not lower.endswith(".seg.nrrd"):
+            import nrrd
+
+            header = nrrd.read_header(str(path))
+            kinds = list(header.get("kinds") or [])
+            sizes = [int(size) for size in header.get("sizes", [])]
+            other = [size for size, kind in zip(sizes, kinds) if kind not in ("domain", "space")]
+            return other[0] if len(sizes) == 4 and len(other) == 1 else 1
+        if lower.endswith((".mha", ".mhd")):
+            import SimpleITK as sitk
+
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()
+            return int(reader.GetNumberOfComponents())
+    except Exception:  # an unreadable header: the full read says what is wrong with the file
         return 1
-    return int(shape[3]) if lower.endswith((".nii", ".nii.gz", ".mgz")) else int(min(shape[0], shape[-1]))
+    return 1
 
 
 def read_layer_data(path: Path, channel: int | None = None, series_uid: str | None = None) -> tuple:

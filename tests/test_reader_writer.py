@@ -146,6 +146,19 @@ def test_a_4d_nifti_opens_each_channel_as_a_3d_layer_that_reopens_as_that_channe
         np.testing.assert_array_equal(np.asarray(array), np.transpose(data[..., channel], (2, 1, 0))[:, ::-1, ::-1])
 
 
+def test_a_vector_nrrd_opens_each_channel_as_a_3d_layer(tmp_path):
+    import nrrd
+
+    data = np.random.default_rng(0).random((2, 10, 9, 5)).astype(np.float32)  # (channel, i, j, k)
+    directions = np.array([[np.nan] * 3, [1.0, 0, 0], [0, 1.0, 0], [0, 0, 2.0]])
+    nrrd.write(str(tmp_path / "dwi.nrrd"), data, {"kinds": ["vector", "domain", "domain", "domain"],
+                                                   "space": "left-posterior-superior", "space directions": directions})
+    layers = read_layers(str(tmp_path / "dwi.nrrd"))
+    assert [meta["name"] for _, meta, _ in layers] == ["dwi [channel 0]", "dwi [channel 1]"]
+    assert [meta["metadata"][GEOMETRY_KEY]["channel"] for _, meta, _ in layers] == [0, 1]
+    assert all(array.shape == (5, 9, 10) for array, _, _ in layers)
+
+
 def test_a_damaged_file_gives_one_notification(tmp_path, notifications):
     path = tmp_path / "broken.nii.gz"
     path.write_bytes(b"not a nifti file")
