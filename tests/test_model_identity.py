@@ -10,8 +10,9 @@ import torch
 
 from napari_sam_ft.engine.cache import EMBEDDING_CODE_VERSION, CacheKey, EmbeddingCache
 from napari_sam_ft.engine.predictor import ModelChanged, VolumePredictor
-from napari_sam_ft.finetune.adapters import base_network_copy, load_adapter, save_adapter, unload_adapter
-from napari_sam_ft.finetune.scopes import LoraSettings, prepare_scope
+from napari_sam_ft.finetune.adapters import load_adapter, unload_adapter
+
+from lora_adapter import make_lora_adapter
 
 SLICES = [13, 14, 15, 16]  # two batches of CPU_BATCH_SIZE
 TIMEOUT_S = 300
@@ -19,16 +20,7 @@ TIMEOUT_S = 300
 
 @pytest.fixture(scope="module")
 def lora_adapter_dir(litemedsam, tmp_path_factory):
-    """A LoRA adapter on the image encoder with weights moved off their start, as training leaves them."""
-    trainable = prepare_scope(base_network_copy(litemedsam), "lora", LoraSettings(rank=4))
-    generator = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for _, parameter in trainable.named_trainable():
-            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
-    metadata = {"base_model_id": litemedsam.model_id, "base_model_name": litemedsam.name, "class_ids": [1],
-                "class_names": {"1": "spleen"}, "prompt_modes": ["box"], "encoder_adapted": True}
-    info = save_adapter(tmp_path_factory.mktemp("lora") / "adapter", scope="lora", weights=trainable.adapter_state(),
-                        lora_config=trainable.lora_config, class_head=None, metadata=metadata)
+    info = make_lora_adapter(litemedsam, tmp_path_factory.mktemp("lora") / "adapter")
     assert info.encoder_adapted
     return info.adapter_dir
 

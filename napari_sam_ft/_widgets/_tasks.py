@@ -25,14 +25,17 @@ class TaskRunner(QObject):
     """Runs ``compute`` in a worker after building the session's predictor, and shows how it went.
 
     ``on_success(value)`` runs in the GUI thread only when the task neither failed nor was cancelled,
-    so a cancelled task changes no layer. ``on_update()`` runs after each progress report and each task.
+    so a cancelled task changes no layer. ``on_update()`` runs after each progress report; ``on_end()`` after
+    each task, once the runner is free for the next one.
     """
 
-    def __init__(self, controls: SegmentControls, session: SegmentSession, on_update: Callable[[], None]):
+    def __init__(self, controls: SegmentControls, session: SegmentSession, on_update: Callable[[], None],
+                 on_end: Callable[[], None] | None = None):
         super().__init__()
         self._controls = controls
         self._session = session
         self._on_update = on_update
+        self._on_end = on_end or on_update
         self.task: BackgroundTask | None = None
         self.last_outcome: TaskOutcome | None = None
 
@@ -66,7 +69,7 @@ class TaskRunner(QObject):
                     on_success(outcome.value)
                 except Exception as error:  # a notification, never a traceback in the viewer
                     report_error(self._controls, name, error)
-            self._on_update()
+            self._on_end()
 
         self._set_busy(True, f"{name}…")
         self.task = BackgroundTask(name, work, done, on_progress=self.show_progress).start()

@@ -42,11 +42,13 @@ class SegmentWidget(QWidget):
         self._viewer = napari_viewer
         self._session = session if session is not None else SegmentSession()
         self.controls = build_controls(self, napari_viewer)
-        self.tasks = TaskRunner(self.controls, self._session, on_update=self._update_status)
+        self.tasks = TaskRunner(self.controls, self._session, on_update=self._update_status,
+                                on_end=self._task_ended)
         self._layer_volume = LayerVolume()
         self._points = self._boxes = self._preview = None
         self._slice_task: BackgroundTask | None = None  # encodes a clicked slice, then segments it
         self._pending_slice: int | None = None
+        self._adapter_change_pending = False  # applied once the work started with the previous adapter has ended
         self._muted = False  # True while the widget itself edits the prompt layers
         self.last_click_to_preview_ms = float("nan")
         # torch threads for the decoder on the GUI thread; None keeps torch's default, which measured as fast as
@@ -73,7 +75,7 @@ class SegmentWidget(QWidget):
         c.clear_button.clicked.connect(self.clear_prompts)
         c.auto_slice_button.clicked.connect(lambda: self.auto_segment(whole_volume=False))
         c.auto_volume_button.clicked.connect(lambda: self.auto_segment(whole_volume=True))
-        c.cancel_button.clicked.connect(self.tasks.cancel)
+        c.cancel_button.clicked.connect(self.cancel)
 
     def _bind_keys(self, provider) -> None:
         for key, action in self._key_actions.items():
@@ -112,8 +114,25 @@ class SegmentWidget(QWidget):
             except AdapterError as error:
                 report_error(self.controls, "loading the adapter", error)
                 return
-        if self._session.model is not None and self.image_layer is not None:
-            self._run("apply adapter", lambda predictor, progress, should_cancel: None, lambda _value: None)
+        # Work started with the previous adapter is cancelled (the engine would also stop it at its next batch);
+        # the new adapter is applied once that work has ended, and the prompted slice is segmented again with it.
+        self._cancel_background_work()
+        self._adapter_change_pending = True
+        self._apply_pending_adapter()
+
+    def _apply_pending_adapter(self) -> None:
+        if not (self._adapter_change_pending and self.idle):
+            return
+        self._adapter_change_pending = False
+        if self._session.model is None or self.image_layer is None:
+            return  # the first task loads the model with the chosen adapter
+        z = self._current_slice()
+
+        def segment_again(_value) -> None:
+            if self._points is not None and not slice_prompts(self._points, self._boxes, z).empty:
+                self._segment_prompted_slice(z, time.perf_counter())
+
+        self._run("apply adapter", lambda predictor, progress, should_cancel: None, segment_again)
 
     def _choices(self) -> SessionChoices | None:
         if self.image_layer is None:
@@ -259,18 +278,21 @@ class SegmentWidget(QWidget):
 
         def done(outcome: TaskOutcome) -> None:
             self._slice_task = None
+            self.controls.cancel_button.setEnabled(self.tasks.busy)
             pending, self._pending_slice = self._pending_slice, None
             self.controls.task_label.setText(f"encoded slice {z} in {outcome.seconds:.1f} s" if outcome.succeeded
-                                             else "")
+                                             else f"encoding slice {z} cancelled" if outcome.cancelled else "")
             if outcome.error is not None:
                 report_error(self.controls, f"encoding slice {z}", outcome.error)
             elif outcome.succeeded and pending is not None and self._points is not None:
                 self._segment_prompted_slice(pending, time.perf_counter())
             self._update_status()
+            self._apply_pending_adapter()
 
         self.controls.task_label.setText(f"loading the model and encoding slice {z}…" if self.predictor is None
                                          else f"encoding slice {z}…")
         self._slice_task = BackgroundTask(f"encode slice {z}", work, done).start()
+        self.controls.cancel_button.setEnabled(True)
 
     def _show_preview_slice(self, z: int, mask: np.ndarray | None) -> None:
         self._preview.data[z] = 0 if mask is None else mask.astype(np.uint8) * PREVIEW_VALUE
@@ -384,6 +406,18 @@ class SegmentWidget(QWidget):
         predictor = self.predictor
         if predictor is not None:
             self.controls.status_label.setText(status_text(predictor.status(), self.last_click_to_preview_ms))
+
+    def cancel(self) -> None:
+        """Stop every running job: the long task and a clicked slice's encode (the Cancel button)."""
+        self.tasks.cancel()
+        if self._slice_task is not None:
+            self._slice_task.cancel()
+            self._pending_slice = None
+            self.controls.task_label.setText(f"cancelling {self._slice_task.name}…")
+
+    def _task_ended(self) -> None:
+        self._update_status()
+        self._apply_pending_adapter()
 
     def _cancel_background_work(self) -> None:
         for task in (self.tasks.task, self._slice_task):

@@ -245,3 +245,52 @@ def test_precomputing_embeddings_reports_progress_and_can_be_cancelled(segment_w
     assert 1 <= status["cached_slices"] < status["num_slices"]
     assert f"cache {status['cached_slices']}/30 slices" in controls.status_label.text()
     assert controls.encode_button.isEnabled() and not controls.cancel_button.isEnabled()
+
+
+@pytest.fixture
+def fresh_widget(ct_viewer, qtbot, tmp_path):
+    """A segment widget with its own session and an empty cache: its first click loads the model and encodes."""
+    from napari_sam_ft._widgets._session import SegmentSession
+    from napari_sam_ft.engine.cache import EmbeddingCache
+
+    widget = SegmentWidget(ct_viewer, session=SegmentSession(EmbeddingCache(disk_dir=tmp_path / "cache")))
+    ct_viewer.window.add_dock_widget(widget, name="Segment (fresh)")
+    qtbot.waitUntil(lambda: widget.prompt_layers() is not None, timeout=5000)
+    yield widget
+    widget.cancel()
+    qtbot.waitUntil(lambda: widget.idle, timeout=WORKER_TIMEOUT_MS)
+
+
+def test_cancel_stops_the_encode_of_the_first_clicked_slice(fresh_widget, qtbot):
+    _points, boxes, preview = fresh_widget.prompt_layers()
+    boxes.add_rectangles(rectangle(SLICE, box_from_mask(reference(fresh_widget._viewer, LIVER))))
+    assert fresh_widget._slice_task is not None and fresh_widget.controls.cancel_button.isEnabled()
+    fresh_widget.controls.cancel_button.click()  # while the model loads and the slice waits to be encoded
+    qtbot.waitUntil(lambda: fresh_widget.idle, timeout=WORKER_TIMEOUT_MS)
+    assert "cancelled" in fresh_widget.controls.task_label.text()
+    assert not np.asarray(preview.data[SLICE]).any()
+    assert not fresh_widget.predictor.is_encoded(SLICE) and fresh_widget.predictor.encoder_calls == 0
+    assert not fresh_widget.controls.cancel_button.isEnabled()
+
+    fresh_widget.segment_current_slice()  # the user asks again: it encodes and segments
+    qtbot.waitUntil(lambda: fresh_widget.idle and np.asarray(preview.data[SLICE]).any(), timeout=WORKER_TIMEOUT_MS)
+    assert dice(np.asarray(preview.data[SLICE]) > 0, reference(fresh_widget._viewer, LIVER)) > 0.85
+
+
+def test_switching_the_adapter_cancels_the_running_encode_then_applies_it(fresh_widget, qtbot, tmp_path):
+    from lora_adapter import make_lora_adapter
+
+    controls = fresh_widget.controls
+    fresh_widget.encode_volume()
+    qtbot.waitUntil(lambda: controls.progress_bar.maximum() > 1 and controls.progress_bar.value() >= 1,
+                    timeout=WORKER_TIMEOUT_MS)  # the model is loaded and the first batch stored
+    model = fresh_widget._session.model
+    base_key = fresh_widget.predictor.cache_key
+    info = make_lora_adapter(model, tmp_path / "adapter")
+    fresh_widget.set_adapter(str(info.adapter_dir))
+    qtbot.waitUntil(lambda: fresh_widget.idle and fresh_widget.predictor is not None, timeout=WORKER_TIMEOUT_MS)
+    assert model.adapter_id == info.adapter_id and fresh_widget.tasks.last_outcome.name == "apply adapter"
+    predictor = fresh_widget.predictor
+    cache = predictor.cache
+    assert 1 <= len(cache.cached_slices(base_key, 30)) < 30  # the base encode stopped early
+    assert cache.cached_slices(predictor.cache_key, 30) == []  # and filed nothing under the adapter's key
