@@ -111,7 +111,7 @@ def read_layers(path: str | list[str], **_ignored) -> list[tuple]:
     except VolumeError as error:
         from napari.utils.notifications import show_error
 
-        show_error(f"napari-sam-ft cannot open this file: {error}")
+        show_error(f"napari-sam-ft cannot open this {'folder' if Path(path).is_dir() else 'file'}: {error}")
         return NO_LAYERS
 
 
