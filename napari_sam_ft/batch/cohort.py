@@ -104,7 +104,8 @@ def run_cohort(scans: Iterable[Scan | str | os.PathLike], output_dir: str | os.P
         if client is None:
             client = stack.enter_context(cohort_client(scheduler, workers, say))
         submit_options = {"pure": False, "resources": resources}
-        identity = client.submit(describe_model, settings.model, **submit_options).result()
+        identity = result_unless_cancelled(client.submit(describe_model, settings.model, **submit_options),
+                                           should_cancel)
         say(f"model {identity['model_id']}, adapter {identity['adapter_id']}, on {identity['device']}")
         keys = {scan.scan_id: settings.task_key(scan, identity) for scan in scans}
         rows: dict[str, dict] = {}
@@ -132,6 +133,16 @@ def run_cohort(scans: Iterable[Scan | str | os.PathLike], output_dir: str | os.P
     table = output.write_results(ordered, about)
     table.attrs.update(wall_seconds=wall_seconds, workers=workers_used, output_dir=str(output.root))
     return table
+
+
+def result_unless_cancelled(future, should_cancel: Callable[[], bool] | None):
+    """``future.result()``, polling ``should_cancel`` while waiting (loading a model takes seconds)."""
+    while should_cancel is not None and not future.done():
+        if should_cancel():
+            future.cancel()
+            raise Cancelled("cohort run cancelled before any scan started")
+        time.sleep(POLL_SECONDS)
+    return future.result()
 
 
 def threads_by_host(worker_info: dict) -> dict[str, int]:
