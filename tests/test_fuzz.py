@@ -27,7 +27,7 @@ from napari_sam_ft.volume import Volume, VolumeError, read_volume
 EXAMPLES = int(os.environ.get("NAPARI_SAM_FT_FUZZ_EXAMPLES", "100"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=3000, derandomize=False,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-SUFFIXES = (".nii", ".nii.gz", ".tif", ".npy")
+SUFFIXES = (".nii", ".nii.gz", ".tif", ".npy", ".nrrd", ".seg.nrrd", ".mha", ".mgz")
 VOLUME_SHAPE = (6, 9, 11)  # (Z, Y, X) the prompts are validated against
 
 
@@ -38,12 +38,38 @@ def _valid_file_bytes(suffix: str) -> bytes:
         image = nib.Nifti1Image(array, np.diag([0.8, 0.8, 2.5, 1.0]))
         raw = image.to_bytes()
         return gzip.compress(raw) if suffix == ".nii.gz" else raw
+    if suffix in (".nrrd", ".seg.nrrd", ".mha", ".mgz"):
+        return _library_written_bytes(suffix, array)
     buffer = io.BytesIO()
     if suffix == ".tif":
         tifffile.imwrite(buffer, array, imagej=True, resolution=(2.0, 2.0), metadata={"spacing": 2.5})
     else:
         np.save(buffer, array, allow_pickle=False)
     return buffer.getvalue()
+
+
+def _library_written_bytes(suffix: str, array: np.ndarray) -> bytes:
+    """The seed as its own library writes it: pynrrd (LPS, a negative direction), slicerio, SimpleITK, nibabel."""
+    import nrrd
+    import SimpleITK as sitk
+    import slicerio
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"seed{suffix}"
+        if suffix == ".nrrd":
+            nrrd.write(str(path), array, {"space": "left-posterior-superior", "kinds": ["domain"] * 3,
+                                          "space directions": np.diag([-0.8, 0.8, 2.5]),
+                                          "space origin": np.array([10.0, -4.0, 2.0])}, index_order="F")
+        elif suffix == ".seg.nrrd":
+            segmentation = slicerio.create_segmentation(array.shape, np.diag([0.8, 0.8, 2.5, 1.0]))
+            slicerio.add_segment(segmentation, array > 0, {"name": "bright", "color": [1.0, 0.5, 0.0]})
+            slicerio.add_segment(segmentation, array < -200, {"name": "dark"})
+            slicerio.write_segmentation(str(path), segmentation)
+        elif suffix == ".mha":
+            sitk.WriteImage(sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0))), str(path))
+        else:
+            nib.save(nib.MGHImage(array, np.diag([0.8, 0.8, 2.5, 1.0])), str(path))
+        return path.read_bytes()
 
 
 VALID = {suffix: _valid_file_bytes(suffix) for suffix in SUFFIXES}
@@ -84,7 +110,13 @@ def test_random_bytes_never_escape_as_another_exception(suffix, content):
 def test_truncated_files_are_refused_clearly(suffix, data):
     content = VALID[suffix]
     cut = data.draw(st.integers(0, len(content) - 1))
-    assert _read_back(suffix, content[:cut]) is None or suffix == ".tif"
+    volume = _read_back(suffix, content[:cut])
+    # Only an optional trailer may be lost (an MGH footer of scan parameters): then every voxel is still there.
+    assert volume is None or suffix == ".tif" or np.array_equal(np.asarray(volume.array), _seed_voxels(suffix))
+
+
+def _seed_voxels(suffix: str) -> np.ndarray:
+    return np.array(_read_back(suffix, VALID[suffix]).array)
 
 
 def _mutate(content: bytes, data, region: int | None = None) -> bytes:
@@ -108,6 +140,41 @@ def test_nifti_headers_with_garbage_fields_give_a_volume_or_a_volume_error(data,
     # Mutations confined to the 348-byte header hit dims, datatype, pixdim, vox_offset and the affine.
     content = _mutate(NIFTI_RAW, data, region=348)
     _read_back(".nii.gz" if compressed else ".nii", gzip.compress(content) if compressed else content)
+
+
+NRRD_FIELD_VALUES = {
+    "type": st.sampled_from(["short", "uchar", "float", "double", "int64", "complex", "block", ""]) | st.text(max_size=6),
+    "dimension": st.integers(-1, 6).map(str) | st.text(max_size=3),
+    "sizes": st.lists(st.integers(-2, 10**7), min_size=0, max_size=5).map(lambda sizes: " ".join(map(str, sizes))),
+    "space": st.sampled_from(["left-posterior-superior", "RAS", "LAS", "scanner-xyz", "3D-right-handed", "LPST",
+                              "nowhere"]),
+    "space dimension": st.integers(-1, 5).map(str),
+    "space directions": st.lists(st.sampled_from(["(1,0,0)", "(0,-0.8,0)", "(0,0,2.5)", "none", "(nan,0,0)",
+                                                  "(1e308,1e308,0)", "(0,0)", "(0,0,0)", "((", "(a,b,c)"]),
+                                 min_size=0, max_size=5).map(" ".join),
+    "space origin": st.sampled_from(["(0,0,0)", "(1,2)", "(nan,0,0)", "(inf,1,2)", "0 0 0", "(1e400,0,0)"]),
+    "kinds": st.lists(st.sampled_from(["domain", "space", "vector", "list", "RGB-color", "time", "???"]),
+                      min_size=0, max_size=5).map(" ".join),
+    "encoding": st.sampled_from(["raw", "gzip", "bzip2", "ascii", "hex", "zip"]),
+    "endian": st.sampled_from(["little", "big", "middle"]),
+    "spacings": st.sampled_from(["1 1 1", "nan 1 1", "0 0 0", "-1 2 3", "x"]),
+}
+
+
+@FUZZ
+@given(data=st.data())
+def test_nrrd_headers_with_damaged_fields_give_a_volume_or_a_volume_error(data):
+    """Each header field of a valid NRRD replaced, dropped or garbled; the voxel bytes stay as written."""
+    content = VALID[".nrrd"]
+    head, _, payload = content.partition(b"\n\n")
+    lines = head.decode("latin-1").split("\n")
+    fields = data.draw(st.lists(st.sampled_from(sorted(NRRD_FIELD_VALUES)), min_size=1, max_size=4, unique=True))
+    for name in fields:
+        lines = [line for line in lines if not line.startswith(f"{name}:")]
+        if data.draw(st.booleans()):  # replaced rather than dropped
+            lines.append(f"{name}: {data.draw(NRRD_FIELD_VALUES[name])}")
+    damaged = ("\n".join(lines) + "\n\n").encode("utf-8") + payload
+    _read_back(data.draw(st.sampled_from([".nrrd", ".seg.nrrd"])), damaged)
 
 
 @FUZZ

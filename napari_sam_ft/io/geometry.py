@@ -30,6 +30,8 @@ ARRAY_FORMATS = ("tiff", "npy")
 # Two grids are one when voxel centres agree to this fraction of a voxel, and axes to this cosine error.
 GRID_TOLERANCE_VOXELS = 0.05
 DIRECTION_TOLERANCE = 1e-3
+# A voxel larger than this (mm) is a damaged header, not a scan.
+MAX_VOXEL_MM = 1e5
 # An axis more than this many degrees from the nearest patient axis makes a scan "oblique" (said, not refused).
 OBLIQUE_DEGREES = 0.5
 # NRRD/ITK spaces as the signs that turn their (x, y, z) into RAS+; ITK takes a space without patient
@@ -132,7 +134,11 @@ def checked_geometry(affine, file_axes: tuple[int, int, int], path: Path) -> tup
     if affine.shape != (4, 4) or not np.isfinite(affine).all():
         raise VolumeError(f"{path}: the header's voxel-to-world geometry is invalid (NaN or infinite values); "
                           "fix the header's pixel sizes/orientation")
-    voxel_sizes = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    with np.errstate(over="ignore"):
+        voxel_sizes = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    if not np.isfinite(voxel_sizes).all() or voxel_sizes.max() > MAX_VOXEL_MM:
+        raise VolumeError(f"{path}: the header's voxel sizes ({', '.join(f'{size:.3g}' for size in voxel_sizes)}) mm "
+                          "are not those of a scan; fix the header's pixel sizes/orientation")
     return affine, tuple(float(voxel_sizes[axis]) or 1.0 for axis in file_axes)
 
 

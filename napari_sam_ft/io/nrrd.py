@@ -32,6 +32,7 @@ def read_nrrd(path: Path):
     """(data (i, j, k[, c]), affine RAS+, header dict). A non-spatial axis (vector, list, time) goes last."""
     import nrrd
 
+    _check_declared_size(path, nrrd.read_header(str(path)))
     data, header = nrrd.read(str(path), index_order="F")
     spatial = _spatial_axes(header, data.ndim, path)
     other = [axis for axis in range(data.ndim) if axis not in spatial]
@@ -40,6 +41,37 @@ def read_nrrd(path: Path):
                           "expected a 3D volume, with at most one channel or time axis")
     data = np.transpose(data, (*spatial, *other))
     return data, nrrd_affine(header, spatial, path), header
+
+
+# Bytes per voxel of NRRD's type names (its spec allows several spellings of each).
+NRRD_TYPE_BYTES = {**dict.fromkeys(("signed char", "int8", "int8_t", "uchar", "unsigned char", "uint8", "uint8_t"), 1),
+                   **dict.fromkeys(("short", "short int", "signed short", "signed short int", "int16", "int16_t",
+                                    "ushort", "unsigned short", "unsigned short int", "uint16", "uint16_t"), 2),
+                   **dict.fromkeys(("int", "signed int", "int32", "int32_t", "uint", "unsigned int", "uint32",
+                                    "uint32_t", "float"), 4),
+                   **dict.fromkeys(("longlong", "long long", "long long int", "signed long long",
+                                    "signed long long int", "int64", "int64_t", "ulonglong", "unsigned long long",
+                                    "unsigned long long int", "uint64", "uint64_t", "double"), 8)}
+# Deflate and bzip2 expand at most ~1032:1; a compressed NRRD cannot hold more voxel bytes than this times its size.
+MAX_COMPRESSION = 1100
+
+
+def _check_declared_size(path: Path, header: dict) -> None:
+    """Refuse a header that declares more voxels than its data can hold, before anything allocates them."""
+    sizes = [int(size) for size in np.asarray(header.get("sizes", []), dtype=np.int64).reshape(-1)]
+    if not sizes or min(sizes) < 1:
+        raise VolumeError(f"{path}: the header's sizes {tuple(sizes)} are not a volume")
+    declared = int(np.prod(sizes, dtype=object)) * NRRD_TYPE_BYTES.get(str(header.get("type", "")).lower(), 8)
+    encoding = str(header.get("encoding", "raw")).lower()
+    data_file = header.get("data file") or header.get("datafile")
+    stored = path.parent / str(data_file) if data_file else path
+    if encoding in ("text", "txt", "ascii") or not stored.is_file():
+        return  # numbers as text, or data in several files: pynrrd's own checks apply
+    available = stored.stat().st_size * (1 if encoding == "raw" else MAX_COMPRESSION)
+    if declared > available:
+        raise VolumeError(f"{path}: the header declares {tuple(sizes)} voxels of {header.get('type')} "
+                          f"({declared / 2**20:.1f} MiB) but the data can hold at most {available / 2**20:.1f} MiB; "
+                          "it is truncated or its header is damaged")
 
 
 def _spatial_axes(header: dict, ndim: int, path: Path) -> list[int]:
@@ -123,8 +155,10 @@ def read_seg_nrrd(path: Path):
     segments overlap, the one listed later wins (said in ``metadata["overlaps"]``). ``metadata`` holds
     ``class_names`` and ``class_colors`` (id -> name, id -> (r, g, b) in 0..1) and the slicerio fields.
     """
+    import nrrd
     import slicerio
 
+    _check_declared_size(path, nrrd.read_header(str(path)))
     try:
         segmentation = slicerio.read_segmentation(str(path))
     except (OSError, ValueError, KeyError) as error:
