@@ -149,13 +149,27 @@ def is_dicom_path(path: str | os.PathLike) -> bool:
     return path.is_file() and is_dicom_file(path)
 
 
+# The tags the reader uses; they are decoded when the header is read, so a damaged one is named with its file.
+USED_KEYWORDS = ("SeriesInstanceUID", "StudyInstanceUID", "FrameOfReferenceUID", "SOPInstanceUID", "SOPClassUID",
+                 "Modality", "SeriesDescription", "Rows", "Columns", "NumberOfFrames", "ImageOrientationPatient",
+                 "ImagePositionPatient", "PixelSpacing", "SliceThickness", "SpacingBetweenSlices", "RescaleSlope",
+                 "RescaleIntercept", "BitsAllocated", "BitsStored", "PixelRepresentation", "SamplesPerPixel")
+
+
 def _read_header(path: Path):
     import pydicom
 
+    keyword = None
     try:
-        return pydicom.dcmread(str(path), stop_before_pixels=True)
+        header = pydicom.dcmread(str(path), stop_before_pixels=True)
+        for keyword in ("TransferSyntaxUID", "MediaStorageSOPClassUID"):
+            header.file_meta.get(keyword)
+        for keyword in USED_KEYWORDS:
+            header.get(keyword)
+        return header
     except Exception as error:
-        raise VolumeError(f"{path}: not a readable DICOM file ({type(error).__name__}: {error})") from error
+        where = f" (tag {keyword})" if keyword else ""
+        raise VolumeError(f"{path}: not a readable DICOM file{where} ({type(error).__name__}: {error})") from error
 
 
 def _scan_folder(folder: Path) -> dict[str, list[tuple[Path, object]]]:
@@ -196,7 +210,12 @@ def _folder_of(path: Path) -> tuple[Path, str | None]:
 def list_dicom_series(path: str | os.PathLike) -> list[SeriesInfo]:
     """The series in a DICOM folder (or in the folder of one DICOM file), largest first."""
     folder, _ = _folder_of(Path(path))
-    series = [_series_info(uid, members) for uid, members in _scan_folder(folder).items()]
+    try:
+        series = [_series_info(uid, members) for uid, members in _scan_folder(folder).items()]
+    except VolumeError:
+        raise
+    except Exception as error:
+        raise VolumeError(f"{folder}: damaged DICOM data ({type(error).__name__}: {error})") from error
     if not series:
         raise VolumeError(f"{folder}: holds no DICOM files")
     return sorted(series, key=lambda info: (-info.num_slices * info.rows * info.columns, info.series_uid))
@@ -235,7 +254,15 @@ def read_dicom(path: str | os.PathLike, series_uid: str | None = None) -> tuple[
     and ``DicomSource.chosen_message`` says so. CT and other rescaled data are in their real units
     (Hounsfield): int16 when every value is an integer that fits, int32 beyond, float32 for fractional slopes.
     """
-    path = Path(path)
+    try:
+        return _read_series(Path(path), series_uid)
+    except VolumeError:
+        raise
+    except Exception as error:  # a damaged value the checks above did not foresee: still one clear message
+        raise VolumeError(f"{path}: damaged DICOM data ({type(error).__name__}: {error})") from error
+
+
+def _read_series(path: Path, series_uid: str | None) -> tuple[np.ndarray, np.ndarray, DicomSource]:
     folder, file_series = _folder_of(path)
     scanned = _scan_folder(folder)
     if not scanned:
@@ -289,6 +316,9 @@ def _sorted_slices(members, where: str):
 
     Returns (ordered [(path, header)], orientation (6,), (row spacing, column spacing), step vector (LPS mm)).
     """
+    for path, header in members:
+        if not all(isinstance(header.get(keyword), int) and header.get(keyword) > 0 for keyword in ("Rows", "Columns")):
+            raise VolumeError(f"{where}: {path} has no valid Rows/Columns; it is not a usable image")
     path0, header0 = members[0]
     orientation = _vector(header0, "ImageOrientationPatient", 6, path0, where)
     spacing_rc = tuple(float(value) for value in _vector(header0, "PixelSpacing", 2, path0, where))
@@ -388,7 +418,10 @@ def _pixel_data(ordered, where: str) -> np.ndarray:
     dtype = _output_dtype(ordered)
     volume = np.empty((len(ordered), rows, columns), dtype)
     for index, (path, _) in enumerate(ordered):
-        dataset = pydicom.dcmread(str(path))
+        try:
+            dataset = pydicom.dcmread(str(path))
+        except Exception as error:
+            raise VolumeError(f"{where}: {path} cannot be read ({type(error).__name__}: {error})") from error
         pixels = _decoded_pixels(dataset, path, where)
         if pixels.shape != (rows, columns):
             raise VolumeError(f"{where}: {path} decodes to {pixels.shape} pixels, not the {rows}x{columns} its "
