@@ -68,11 +68,19 @@ def load_cases(cases_dir: Path, names: list[str] | None):
 
 
 def annotated_slices(reference: np.ndarray, class_ids, per_structure: int) -> list[int]:
-    """``per_structure`` slices spread through each structure's extent (away from its ends), all together."""
+    """``per_structure`` slices spread through each structure's extent (away from its ends), all together.
+
+    A structure on few slices (the lesions lie on 3 thick slices) gets at most half of them, at least 2
+    (then its first and last), so that slices are left to score.
+    """
     chosen: set[int] = set()
     for class_id in class_ids:
         present = np.flatnonzero((reference == class_id).reshape(reference.shape[0], -1).any(axis=1))
-        positions = np.linspace(0, len(present) - 1, per_structure + 2)[1:-1]
+        count = min(per_structure, max(2, len(present) // 2))
+        if len(present) < 2 * count + 1:  # too few slices to stay away from the ends: use them
+            positions = np.linspace(0, len(present) - 1, count)
+        else:
+            positions = np.linspace(0, len(present) - 1, count + 2)[1:-1]
         chosen.update(int(present[int(round(position))]) for position in positions)
     return sorted(chosen)
 
@@ -112,13 +120,16 @@ def automatic_dice(predictor, reference: np.ndarray, slices: list[int], class_id
     return class_dice(labels, reference[slices], class_ids)
 
 
-def whole_volume_seconds_per_slice(model, image) -> float:
-    """Automatic segmentation of every slice with the active adapter, encoding included (fresh cache)."""
+def whole_volume_seconds_per_slice(model, image, precision: str) -> float:
+    """Automatic segmentation of every slice with the active adapter, encoding included (fresh cache).
+
+    ``precision`` "fp32" times it as on a CPU without native bf16 (the target machine of issue 10).
+    """
     from napari_sam_ft.engine.automatic import segment_volume
     from napari_sam_ft.engine.cache import EmbeddingCache
     from napari_sam_ft.engine.predictor import VolumePredictor
 
-    predictor = VolumePredictor(model, image, cache=EmbeddingCache())
+    predictor = VolumePredictor(model, image, cache=EmbeddingCache(), precision=precision)
     started = time.perf_counter()
     segment_volume(predictor)
     return (time.perf_counter() - started) / image.num_slices
@@ -156,7 +167,7 @@ def fmt(value, digits: int = 3) -> str:
 
 
 HEADER = ("| case | load | scope | prompt mode | automatic Dice | box Dice | steps (done/planned) | stopped | train s "
-          "| adapter MB | auto s/slice (whole volume) |\n|---|---|---|---|---|---|---|---|---|---|---|")
+          "| adapter MB | auto s/slice (whole volume, fp32) |\n|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def table_row(row: dict) -> str:
@@ -188,7 +199,41 @@ def write_tables(out: Path, rows: list[dict], about: dict) -> None:
              f"{about['encoder_precision']}. 5 annotated slices per structure; every other labelled slice held "
              "out and scored. Command: `napari-sam-ft bench finetune -- --cases ../shared/cases`.", "", HEADER]
     lines += [table_row(row) for row in rows]
+    lines += ["", "## Targets (issue 10)", "",
+              "Per case and scope: automatic held-out Dice >= 0.80 and >= zero-shot box; box Dice after >= before; "
+              "training <= 300 s (quiet machine); adapter <= 5 MB; with load: automatic Dice within 0.02 of quiet.", ""]
+    lines += target_lines(rows)
     (out / "finetune.md").write_text("\n".join(lines) + "\n")
+
+
+def target_lines(rows: list[dict]) -> list[str]:
+    """One line per (case, scope) saying which targets its rows meet, from the rows there are so far."""
+    lines = []
+    for case in dict.fromkeys(row["case"] for row in rows):
+        of_case = {(row["load"], row["scope"], row["prompt"]): row for row in rows if row["case"] == case}
+        zero = of_case.get(("-", "zero-shot", "-"), {})
+        for scope in dict.fromkeys(row["scope"] for row in rows if row["case"] == case and row["scope"] != "zero-shot"):
+            automatic = of_case.get(("quiet", scope, "none"), {})
+            box = of_case.get(("quiet", scope, "box"), {})
+            busy = of_case.get(("busy", scope, "none"), {})
+            checks = []
+            if automatic.get("automatic") is not None:
+                value = automatic["automatic"]
+                checks.append(f"automatic {value:.3f} {'>=' if value >= 0.80 else '<'} 0.80")
+                if zero.get("box") is not None:
+                    checks.append(f"{'>=' if value >= zero['box'] else '<'} zero-shot box {zero['box']:.3f}")
+            if box.get("box") is not None and zero.get("box") is not None:
+                verdict = "ok" if box["box"] >= zero["box"] else "worse"
+                checks.append(f"box {zero['box']:.3f} -> {box['box']:.3f} ({verdict})")
+            trained = [row for row in (automatic, box) if row.get("train_s") is not None]
+            if trained:
+                checks.append(f"train {max(row['train_s'] for row in trained):.0f} s, adapter "
+                              f"{max(row['adapter_mb'] for row in trained):.2f} MB")
+            if busy.get("automatic") is not None and automatic.get("automatic") is not None:
+                difference = busy["automatic"] - automatic["automatic"]
+                checks.append(f"with load {busy['automatic']:.3f} (diff {difference:+.3f}, {busy['train_s']:.0f} s)")
+            lines.append(f"- {case}, {scope}: " + "; ".join(checks))
+    return lines
 
 
 def run_case(name, image, reference, classes, args, model, done: dict, record) -> None:
@@ -239,7 +284,8 @@ def run_case(name, image, reference, classes, args, model, done: dict, record) -
                         if mode == "none":
                             scores["automatic"] = automatic_dice(predictor(), reference, held_out, class_ids)
                             if not args.skip_timing:
-                                scores["auto_s_per_slice"] = whole_volume_seconds_per_slice(model, image)
+                                scores["auto_s_per_slice"] = whole_volume_seconds_per_slice(model, image,
+                                                                                           args.timing_precision)
                         else:
                             scores["box"] = box_dice(predictor(), reference, held_out, class_ids)
                     finally:
@@ -265,6 +311,8 @@ def parse_args(argv):
     parser.add_argument("--with-load", action="store_true", help="train every row again beside a CPU-bound process")
     parser.add_argument("--skip-zero-shot-automatic", action="store_true", help="skip the slowest zero-shot row")
     parser.add_argument("--skip-timing", action="store_true", help="skip the whole-volume automatic timing")
+    parser.add_argument("--timing-precision", default="fp32", choices=("fp32", "auto", "bf16"),
+                        help="encoder precision of the whole-volume timing (default fp32: as on a CPU without bf16)")
     parser.add_argument("--out", type=Path, default=Path("docs/results"), help="folder for finetune.{jsonl,md,json}")
     args = parser.parse_args(argv)
     args.names = [value for value in args.names.split(",") if value]

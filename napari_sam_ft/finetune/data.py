@@ -300,8 +300,8 @@ def build_training_data(volumes: Sequence[VolumeAnnotations], *, slices=None, va
         image, labels = arrays[volume_index]
         slice_labels = np.asarray(labels[slice_index]).astype(np.int32)
         slice_labels[~np.isin(slice_labels, class_ids)] = 0
-        return AnnotatedSlice(volume_index, slice_index, model_channels(windows[volume_index].apply(image[slice_index])),
-                              slice_labels)
+        windowed = windows[volume_index].apply(image[slice_index])
+        return AnnotatedSlice(volume_index, slice_index, model_channels(windowed), slice_labels)
 
     return TrainingData(train=[example(v, z) for v, z in train_keys],
                         validation=[example(v, z) for v, z in sorted(validation_keys)],
