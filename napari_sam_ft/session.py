@@ -4,10 +4,12 @@ A session is a JSON file (``*.session.json``) next to a compressed label file (`
 image's geometry, so any viewer opens it). It records the image path and content hash, the prompts, the
 model, checkpoint and adapter, the window, slicing axis and channels, and the slices marked reviewed.
 
-Autosave keeps the user's labels in one ``.npz`` per image under the user data folder (or
-``$NAPARI_SAM_FT_AUTOSAVE``), written every N edits through ``atomic_write``: after a crash the file is
-either the previous complete autosave or the new one, never a mix. ``find_recoverable_autosave`` finds it
-on the next open; ``restore_autosave`` returns its labels. No Qt here: the session panel and the CLI use it.
+Autosave keeps the user's labels in one ``.npz`` per image, process and labels layer under the user data folder
+(or ``$NAPARI_SAM_FT_AUTOSAVE``), written every N edits through ``atomic_write``: after a crash the file is either
+the previous complete autosave or the new one, never a mix, and no other napari instance writes it.
+``scan_autosaves`` finds those left by processes that ended, on the next open, and moves damaged ones aside
+(``*.damaged``, reported, never deleted); ``restore_autosave`` returns the labels. No Qt here: the session panel
+and the CLI use it.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import socket
 import threading
 import time
+import uuid
 import zipfile
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -34,6 +38,7 @@ SESSION_SUFFIX = ".session.json"
 LABELS_SUFFIX = ".labels.nii.gz"
 AUTOSAVE_EVERY_EDITS = 20
 AUTOSAVE_SUFFIX = ".autosave.npz"
+DAMAGED_SUFFIX = ".damaged"
 # zlib level 1: label volumes are mostly zeros and compress ~20x at a fraction of the default level's time.
 AUTOSAVE_COMPRESSLEVEL = 1
 STALE_TEMPORARY_SECONDS = 600
@@ -220,10 +225,41 @@ def autosave_dir() -> Path:
     return Path(user_data_dir("napari-sam-ft")) / "autosave"
 
 
-def autosave_path(image_path: str | os.PathLike) -> Path:
-    """One autosave file per image, named by a hash of the image's absolute path."""
-    key = hashlib.blake2b(str(Path(image_path).resolve()).encode(), digest_size=10).hexdigest()
-    return autosave_dir() / f"{key}{AUTOSAVE_SUFFIX}"
+def image_key(image_path: str | os.PathLike) -> str:
+    """Names an image in autosave file names: a hash of its absolute path."""
+    return hashlib.blake2b(str(Path(image_path).resolve()).encode(), digest_size=10).hexdigest()
+
+
+def autosave_owner(layer_name: str = "", unique: bool = False) -> str:
+    """Who writes an autosave: this process and the layer (``unique``: plus a token, one per ``Autosaver``).
+
+    Part of the file name, so two napari instances, or two labels layers of one image, never write one file.
+    """
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", layer_name).strip("_")[:40] or "labels"
+    token = f"-{uuid.uuid4().hex[:8]}" if unique else ""
+    return f"{os.getpid()}{token}-{slug}"
+
+
+def autosave_path(image_path: str | os.PathLike, owner: str | None = None) -> Path:
+    """The autosave file of ``image_path`` written by ``owner`` (default: this process, unnamed layer)."""
+    return autosave_dir() / f"{image_key(image_path)}-{owner or autosave_owner()}{AUTOSAVE_SUFFIX}"
+
+
+def autosave_files(image_path: str | os.PathLike) -> list[Path]:
+    """Every finished autosave of ``image_path``, by any process or layer (temporaries start with a dot)."""
+    folder = autosave_dir()
+    return sorted(folder.glob(f"{image_key(image_path)}-*{AUTOSAVE_SUFFIX}")) if folder.is_dir() else []
+
+
+def move_aside(path: Path) -> Path:
+    """Rename a damaged autosave to ``*.damaged`` (kept for the user, never deleted); returns the new path."""
+    target = path.with_name(path.name + DAMAGED_SUFFIX)
+    count = 1
+    while target.exists():
+        count += 1
+        target = path.with_name(f"{path.name}.{count}{DAMAGED_SUFFIX}")
+    os.replace(path, target)
+    return target
 
 
 @dataclass(frozen=True)
@@ -237,6 +273,7 @@ class AutosaveInfo:
     shape: tuple[int, ...]
     layer_name: str
     image_changed: bool  # the image file's size or modification time differ from when it was saved
+    writer_alive: bool = False  # written by a process still running on this machine (this one included)
 
     @property
     def saved_at_text(self) -> str:
@@ -260,15 +297,16 @@ def _image_stamp(image_path: Path) -> tuple[int, int]:
     return int(status.st_size), int(status.st_mtime_ns)
 
 
-def write_autosave(image_path: str | os.PathLike, labels: np.ndarray, *, edits: int = 0, layer_name: str = "") -> Path:
-    """Save ``labels`` for ``image_path`` as its autosave, atomically; returns the autosave's path."""
+def write_autosave(image_path: str | os.PathLike, labels: np.ndarray, *, edits: int = 0, layer_name: str = "",
+                   owner: str | None = None) -> Path:
+    """Save ``labels`` for ``image_path`` as ``owner``'s autosave (default: this process and layer), atomically."""
     image_path = Path(image_path).resolve()
     labels = np.asarray(labels)
     size, mtime_ns = _image_stamp(image_path)
     meta = {"version": SESSION_VERSION, "image_path": str(image_path), "image_size": size, "image_mtime_ns": mtime_ns,
             "saved_at": time.time(), "edits": int(edits), "pid": os.getpid(), "host": socket.gethostname(),
             "layer_name": layer_name, "shape": list(labels.shape)}
-    path = autosave_path(image_path)
+    path = autosave_path(image_path, owner or autosave_owner(layer_name))
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(path)
     write_npz(path, {"labels": labels.astype(_label_dtype(labels), copy=False),
@@ -287,12 +325,16 @@ def _remove_stale_temporaries(path: Path) -> None:
             pass
 
 
-def _read_meta(path: Path) -> dict | None:
+def _read_meta(path: Path) -> dict:
+    """The metadata of an autosave; raises ``SessionError`` for a file that cannot be one (damaged, foreign)."""
     try:
         with np.load(path, allow_pickle=False) as archive:
-            return json.loads(str(archive["meta"]))
-    except Exception:  # an unreadable autosave (foreign or damaged file) cannot be restored: skip it
-        return None
+            meta = json.loads(str(archive["meta"]))
+    except Exception as error:
+        raise SessionError(f"{path}: the autosave cannot be read ({type(error).__name__}: {error})") from error
+    if not isinstance(meta, dict):
+        raise SessionError(f"{path}: the autosave's metadata is not a record")
+    return meta
 
 
 def _process_alive(pid: int) -> bool:
@@ -305,38 +347,75 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def find_recoverable_autosave(image_path: str | os.PathLike) -> AutosaveInfo | None:
-    """The autosave left for ``image_path`` by a session that did not end cleanly, or None.
+@dataclass
+class AutosaveScan:
+    """The autosaves of one image: those to offer back (newest first) and the damaged ones moved aside."""
 
-    An autosave still being written by another running napari-sam-ft on this machine is not offered.
-    """
-    path = autosave_path(image_path)
-    if not path.exists():
-        return None
+    recoverable: list[AutosaveInfo] = field(default_factory=list)
+    damaged: list[Path] = field(default_factory=list)  # where each damaged autosave was moved (``*.damaged``)
+
+
+def read_autosave_info(path: Path) -> AutosaveInfo:
+    """Describe the autosave at ``path`` from its metadata; ``SessionError`` for a damaged or foreign file."""
     meta = _read_meta(path)
-    if meta is None:
-        return None
-    pid = int(meta.get("pid", 0))
-    if meta.get("host") == socket.gethostname() and pid != os.getpid() and pid > 0 and _process_alive(pid):
-        return None
-    image = Path(image_path).resolve()
+    image = Path(str(meta.get("image_path", "")))
     try:
         changed = _image_stamp(image) != (meta.get("image_size"), meta.get("image_mtime_ns"))
     except OSError:
         changed = True
-    return AutosaveInfo(path, str(meta.get("image_path", image)), float(meta.get("saved_at", 0.0)),
-                        int(meta.get("edits", 0)), tuple(meta.get("shape", ())), str(meta.get("layer_name", "")),
-                        changed)
+    pid = int(meta.get("pid", 0))
+    alive = meta.get("host") == socket.gethostname() and pid > 0 and (pid == os.getpid() or _process_alive(pid))
+    return AutosaveInfo(path, str(image), float(meta.get("saved_at", 0.0)), int(meta.get("edits", 0)),
+                        tuple(meta.get("shape", ())), str(meta.get("layer_name", "")), changed, alive)
+
+
+def scan_autosaves(image_path: str | os.PathLike) -> AutosaveScan:
+    """Autosaves of ``image_path`` left by processes that are gone (a crash, or a close without saving).
+
+    Autosaves of running processes on this machine, this one included, are live work and not offered. A damaged
+    autosave is renamed to ``*.damaged`` and listed in ``damaged``, so it is reported once and kept for the user.
+    """
+    scan = AutosaveScan()
+    for path in autosave_files(image_path):
+        try:
+            info = read_autosave_info(path)
+        except SessionError:
+            try:
+                scan.damaged.append(move_aside(path))
+            except OSError:  # e.g. a read-only folder: still reported, left where it is
+                scan.damaged.append(path)
+            continue
+        if not info.writer_alive:
+            scan.recoverable.append(info)
+    scan.recoverable.sort(key=lambda info: info.saved_at, reverse=True)
+    return scan
+
+
+def find_recoverable_autosave(image_path: str | os.PathLike) -> AutosaveInfo | None:
+    """The newest autosave ``scan_autosaves`` offers for ``image_path``, or None."""
+    recoverable = scan_autosaves(image_path).recoverable
+    return recoverable[0] if recoverable else None
 
 
 def restore_autosave(info: AutosaveInfo | str | os.PathLike, like: Volume | None = None) -> np.ndarray:
-    """The autosaved labels ((Z, Y, X) integers), checked against ``like``'s shape when given."""
-    path = info.path if isinstance(info, AutosaveInfo) else autosave_path(info)
+    """The autosaved labels ((Z, Y, X) integers), checked against ``like``'s shape when given.
+
+    ``info`` is an autosave found by ``scan_autosaves``, or an image path (its newest recoverable autosave). A file
+    that cannot be read is moved aside (``*.damaged``) and named in the ``SessionError``.
+    """
+    if not isinstance(info, AutosaveInfo):
+        found = find_recoverable_autosave(info)
+        if found is None:
+            raise SessionError(f"{info}: no autosaved labels to recover")
+        info = found
+    path = info.path
     try:
         with np.load(path, allow_pickle=False) as archive:
             labels = archive["labels"]
     except Exception as error:
-        raise SessionError(f"{path}: the autosave cannot be read ({type(error).__name__}: {error})") from error
+        kept = move_aside(path) if path.exists() else path
+        raise SessionError(f"{path}: the autosave cannot be read ({type(error).__name__}: {error}); "
+                           f"it was kept as {kept}") from error
     if labels.ndim != 3 or not np.issubdtype(labels.dtype, np.integer):
         raise SessionError(f"{path}: the autosave does not hold 3D integer labels")
     if like is not None and tuple(labels.shape) != tuple(like.shape):
@@ -344,16 +423,19 @@ def restore_autosave(info: AutosaveInfo | str | os.PathLike, like: Volume | None
     return labels
 
 
-def discard_autosave(image_path: str | os.PathLike) -> None:
-    autosave_path(image_path).unlink(missing_ok=True)
+def discard_autosave(autosave: AutosaveInfo | str | os.PathLike) -> None:
+    """Delete one autosave (an ``AutosaveInfo`` or the autosave file's path), once the user said so."""
+    Path(autosave.path if isinstance(autosave, AutosaveInfo) else autosave).unlink(missing_ok=True)
 
 
 class Autosaver:
-    """Autosaves one image's labels every ``every_edits`` edits (``record_edit``), optionally in a thread.
+    """Autosaves one labels layer of one image every ``every_edits`` edits (``record_edit``), optionally in a thread.
 
-    ``get_labels()`` returns the current (Z, Y, X) labels; a copy is taken on the caller's thread, so the
-    user can keep painting while a background write runs. Writes never overlap, and while one runs only the
-    newest snapshot waits. ``discard()`` (a clean close or an explicit save) removes the autosave.
+    Each autosaver writes its own file (``path``: this process, a token, the layer name), so other layers and
+    other napari instances never overwrite it. ``get_labels()`` returns the current (Z, Y, X) labels. In the
+    background mode the copy is taken in the writer thread too, so the GUI thread does no work per autosave (a
+    stroke painted during the copy may be half in this snapshot; the next one holds it whole). Writes never
+    overlap, and while one runs only one more waits. ``discard()`` (an explicit save) removes the file.
     """
 
     def __init__(self, image_path: str | os.PathLike, get_labels: Callable[[], np.ndarray], *,
@@ -364,6 +446,8 @@ class Autosaver:
         self.image_path = Path(image_path)
         self.every_edits = int(every_edits)
         self.layer_name = layer_name
+        self.owner = autosave_owner(layer_name, unique=True)
+        self.path = autosave_path(self.image_path, self.owner)
         self.edits_since_save = 0
         self.total_edits = 0
         self.saves = 0
@@ -372,7 +456,7 @@ class Autosaver:
         self._on_saved = on_saved
         self._on_error = on_error
         self._lock = threading.Lock()
-        self._pending: np.ndarray | None = None
+        self._save_pending = False
         self._worker: threading.Thread | None = None
 
     def record_edit(self, count: int = 1) -> bool:
@@ -385,13 +469,12 @@ class Autosaver:
         return True
 
     def save_now(self) -> None:
-        snapshot = np.array(self._get_labels(), copy=True)
         self.edits_since_save = 0
         if not self._background:
-            self._write(snapshot)
+            self._write(np.array(self._get_labels(), copy=True))
             return
         with self._lock:
-            self._pending = snapshot
+            self._save_pending = True
             if self._worker is None or not self._worker.is_alive():
                 self._worker = threading.Thread(target=self._drain, name="napari-sam-ft autosave", daemon=True)
                 self._worker.start()
@@ -399,15 +482,22 @@ class Autosaver:
     def _drain(self) -> None:
         while True:
             with self._lock:
-                snapshot, self._pending = self._pending, None
-                if snapshot is None:
+                if not self._save_pending:
                     self._worker = None
                     return
+                self._save_pending = False
+            try:
+                snapshot = np.array(self._get_labels(), copy=True)
+            except Exception as error:  # e.g. the layer went away meanwhile
+                if self._on_error is not None:
+                    self._on_error(error)
+                continue
             self._write(snapshot)
 
     def _write(self, snapshot: np.ndarray) -> None:
         try:
-            path = write_autosave(self.image_path, snapshot, edits=self.total_edits, layer_name=self.layer_name)
+            path = write_autosave(self.image_path, snapshot, edits=self.total_edits, layer_name=self.layer_name,
+                                  owner=self.owner)
         except Exception as error:  # a full disk must not take the user's session down with it
             if self._on_error is not None:
                 self._on_error(error)
@@ -423,8 +513,8 @@ class Autosaver:
             worker.join(timeout)
 
     def discard(self) -> None:
-        """Stop autosaving pending snapshots and remove the autosave (the labels are safe elsewhere)."""
+        """Stop autosaving pending snapshots and remove this autosaver's file (the labels are safe elsewhere)."""
         with self._lock:
-            self._pending = None
+            self._save_pending = False
         self.wait()
-        discard_autosave(self.image_path)
+        discard_autosave(self.path)

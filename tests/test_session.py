@@ -16,9 +16,9 @@ import pytest
 
 from napari_sam_ft.cli import main
 from napari_sam_ft.engine.prompts import SlicePrompt
-from napari_sam_ft.session import (Autosaver, SessionError, autosave_path, discard_autosave,
-                                   find_recoverable_autosave, open_session, read_session_file, restore_autosave,
-                                   save_session, session_from_volume, write_autosave)
+from napari_sam_ft.session import (DAMAGED_SUFFIX, Autosaver, SessionError, autosave_files, discard_autosave,
+                                   find_recoverable_autosave, open_session, read_autosave_info, read_session_file,
+                                   restore_autosave, save_session, scan_autosaves, session_from_volume)
 from napari_sam_ft.volume import read_labels, read_volume
 
 
@@ -125,15 +125,32 @@ def test_autosave_writes_every_n_edits_in_the_background_and_is_removed_on_disca
     labels[5, 10:20, 10:20] = 2
     assert autosaver.record_edit() is False and autosaver.record_edit() is False
     assert autosaver.record_edit() is True
-    labels[6] = 7  # the snapshot was taken when the third edit was recorded
     autosaver.wait()
-    assert saved == [autosave_path(image_path)] and autosaver.saves == 1
-    info = find_recoverable_autosave(image_path)
+    assert saved == [autosaver.path] and autosaver.saves == 1 and autosave_files(image_path) == [autosaver.path]
+    info = read_autosave_info(autosaver.path)
     assert info.edits == 3 and info.shape == (30, 101, 122) and not info.image_changed
+    assert info.writer_alive and find_recoverable_autosave(image_path) is None  # live work is not offered back
     restored = restore_autosave(info, like=read_volume(image_path))
-    assert restored.dtype == np.uint8 and (restored[5, 10:20, 10:20] == 2).all() and restored[6].max() == 0
+    assert restored.dtype == np.uint8 and (restored[5, 10:20, 10:20] == 2).all()
     autosaver.discard()
-    assert find_recoverable_autosave(image_path) is None
+    assert autosave_files(image_path) == []
+
+
+def test_two_layers_and_two_processes_autosaving_one_image_write_separate_files(scan, autosave_folder):
+    image_path, _ = scan
+    organs, lesions = np.zeros((30, 101, 122), np.uint8), np.zeros((30, 101, 122), np.uint8)
+    organs[3], lesions[4] = 1, 2
+    first = Autosaver(image_path, lambda: organs, every_edits=1, layer_name="organs")
+    second = Autosaver(image_path, lambda: lesions, every_edits=1, layer_name="organs")  # same name, other layer
+    first.record_edit()
+    second.record_edit()
+    other_process = crash_after_autosaving(image_path, autosave_folder, stroke_value=9)
+    files = autosave_files(image_path)
+    assert len(files) == 3 and first.path in files and second.path in files
+    assert np.array_equal(restore_autosave(read_autosave_info(first.path)), organs)
+    assert np.array_equal(restore_autosave(read_autosave_info(second.path)), lesions)
+    # Only the other (now dead) process's autosave is offered back; this process's two are live work.
+    assert [info.path for info in scan_autosaves(image_path).recoverable] == [other_process]
 
 
 WRITER = textwrap.dedent("""
@@ -213,14 +230,49 @@ def test_after_a_crash_the_next_open_offers_the_last_autosave_and_restores_it(sc
     assert find_recoverable_autosave(image_path) is None
 
 
-def test_an_autosave_for_another_shape_or_a_damaged_one_is_refused_clearly(scan):
+def test_an_autosave_for_another_shape_is_refused_and_a_damaged_one_is_reported_and_kept(scan, autosave_folder):
     image_path, _ = scan
-    write_autosave(image_path, np.ones((4, 5, 6), np.uint8))
+    path = crash_after_autosaving(image_path, autosave_folder, shape=(4, 5, 6))
     with pytest.raises(SessionError, match=r"shape \(4, 5, 6\) but the image has \(30, 101, 122\)"):
         restore_autosave(find_recoverable_autosave(image_path), like=read_volume(image_path))
-    autosave_path(image_path).write_bytes(b"PK\x03\x04 damaged")
-    assert find_recoverable_autosave(image_path) is None
-    with pytest.raises(SessionError, match="cannot be read"):
+    damaged_bytes = b"PK\x03\x04 damaged"
+    path.write_bytes(damaged_bytes)
+    scan_result = scan_autosaves(image_path)
+    assert scan_result.recoverable == [] and len(scan_result.damaged) == 1
+    kept = scan_result.damaged[0]
+    assert kept.name == path.name + DAMAGED_SUFFIX and kept.read_bytes() == damaged_bytes and not path.exists()
+    assert scan_autosaves(image_path).damaged == []  # reported once; the file stays aside
+    with pytest.raises(SessionError, match="no autosaved labels"):
         restore_autosave(image_path)
-    discard_autosave(image_path)
-    assert not autosave_path(image_path).exists()
+    assert kept.exists()
+
+
+def test_an_autosave_damaged_after_it_was_found_is_moved_aside_on_restore(scan, autosave_folder):
+    image_path, _ = scan
+    info = read_autosave_info(crash_after_autosaving(image_path, autosave_folder))
+    info.path.write_bytes(b"not an archive")
+    with pytest.raises(SessionError, match="cannot be read.*kept as"):
+        restore_autosave(info)
+    assert not info.path.exists() and info.path.with_name(info.path.name + DAMAGED_SUFFIX).exists()
+    discard_autosave(info)  # nothing left to delete: no error
+
+
+AUTOSAVING_PROCESS = textwrap.dedent("""
+    import sys, numpy as np
+    from napari_sam_ft.session import Autosaver
+    shape, value = tuple(int(size) for size in sys.argv[2].split(",")), int(sys.argv[3])
+    labels = np.full(shape, value, np.uint8)
+    autosaver = Autosaver(sys.argv[1], lambda: labels, every_edits=1, layer_name="labels")
+    autosaver.record_edit()
+    print(autosaver.path)
+""")
+
+
+def crash_after_autosaving(image_path, autosave_folder, shape=(30, 101, 122), stroke_value: int = 1):
+    """Another napari-sam-ft process autosaves labels of ``shape`` for the image, then ends: its file's path."""
+    finished = subprocess.run([sys.executable, "-c", AUTOSAVING_PROCESS, str(image_path), ",".join(map(str, shape)),
+                               str(stroke_value)], capture_output=True, text=True, timeout=120, check=True,
+                              env={**os.environ, "NAPARI_SAM_FT_AUTOSAVE": str(autosave_folder)})
+    from pathlib import Path
+
+    return Path(finished.stdout.strip().splitlines()[-1])

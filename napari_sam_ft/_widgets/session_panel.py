@@ -2,9 +2,10 @@
 
 The panel talks to layers only. It reads prompts from the segment widget's "SAM points"/"SAM boxes" layers
 and the model choices from the image layer's metadata (``CHOICES_KEY``), and autosaves the chosen Labels
-layer every N edits through ``session.Autosaver`` (the write runs in a thread; the copy is taken here).
-While an earlier autosave of the image waits to be restored or discarded, autosave is paused, so the
-labels it holds are never overwritten.
+layer every N edits through ``session.Autosaver``. Nothing slow runs on the GUI thread: the autosave copy and
+write, and a session's hashing, writing and reading, run in threads; the GUI thread only gathers layer
+references and adds the layers read. Autosave keeps running while an earlier autosave waits to be restored or
+discarded: each layer of each napari process writes its own file, so the earlier one is never overwritten.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ from qtpy.QtWidgets import (QFileDialog, QFormLayout, QFrame, QHBoxLayout, QLabe
 
 from .._layer_data import GEOMETRY_KEY, labels_layer_data, layer_channel, scan_layers_data, volume_from_layer
 from ..engine.prompts import NAPARI_TO_PIXEL, SlicePrompt, points_zyx_to_prompts, rectangle_zyx_to_box
-from ..session import (AUTOSAVE_EVERY_EDITS, SESSION_SUFFIX, AutosaveInfo, Autosaver, SessionError, discard_autosave,
-                       find_recoverable_autosave, open_session, restore_autosave, save_session, session_from_volume)
+from ..session import (AUTOSAVE_EVERY_EDITS, SESSION_SUFFIX, AutosaveInfo, Autosaver, OpenedSession, SessionError,
+                       discard_autosave, open_session, restore_autosave, save_session, scan_autosaves,
+                       session_from_volume)
 from ..volume import VolumeError
 from ._events import Hookups
 from ._layer_combo import LayerComboBox
+from ._workers import BackgroundTask, TaskOutcome, describe_error
 from ._layers import (BOXES_NAME, NEGATIVE, POINTS_NAME, POSITIVE, PREVIEW_NAME, current_slice_index,
                       geometry_kwargs, make_boxes_layer, make_points_layer)
 
@@ -86,7 +89,12 @@ class SessionPanel(QWidget):
         self._viewer = napari_viewer
         self.every_edits = every_edits
         self.reviewed_slices: set[int] = set()
-        self.recoverable: AutosaveInfo | None = None
+        self.recoverable: AutosaveInfo | None = None  # the one offered now
+        self._more_recoverable: list[AutosaveInfo] = []  # offered after it
+        self._file_task = None  # a session save or open running in a thread
+        self._discard_when_autosaved: AutosaveInfo | None = None  # a restored autosave, replaced by a new one
+        self.last_saved: Path | None = None
+        self.last_opened: tuple[Image, Labels | None] | None = None
         self._autosave: LabelsAutosave | None = None
         self._hookups = Hookups(self)
         self._hookups.on_release(self._stop_autosave)
@@ -108,6 +116,8 @@ class SessionPanel(QWidget):
         self.reviewed_label = QLabel()
         self.autosave_label = QLabel("Autosave: no labels layer yet")
         self.autosave_label.setWordWrap(True)
+        self.file_label = QLabel()  # what a save/open/restore running in a thread is doing
+        self.file_label.setWordWrap(True)
         self.restore_message = QLabel()
         self.restore_message.setWordWrap(True)
         self.restore_button = QPushButton("Restore")
@@ -135,6 +145,7 @@ class SessionPanel(QWidget):
         layout.addWidget(self.review_button)
         layout.addWidget(self.reviewed_label)
         layout.addWidget(self.autosave_label)
+        layout.addWidget(self.file_label)
         layout.addStretch(1)
 
         self.save_button.clicked.connect(self._ask_save)
@@ -164,24 +175,34 @@ class SessionPanel(QWidget):
 
     # -- autosave --------------------------------------------------------------------------------
     def check_for_autosave(self) -> AutosaveInfo | None:
-        """Offer to restore labels autosaved for the chosen image by a session that ended without saving."""
+        """Offer to restore labels autosaved for the chosen image by a session that ended without saving.
+
+        Damaged autosaves found on the way are reported; ``scan_autosaves`` has moved them aside (``*.damaged``).
+        """
         path = image_source_path(self.image_layer)
-        self.recoverable = find_recoverable_autosave(path) if path is not None and path.exists() else None
-        info = self.recoverable
+        scan = scan_autosaves(path) if path is not None and path.exists() else None
+        if scan is not None:
+            for damaged in scan.damaged:
+                show_warning(f"napari-sam-ft: an autosave of {path.name} is damaged and cannot be restored; "
+                             f"it was kept as {damaged}")
+        self._more_recoverable = list(scan.recoverable) if scan is not None else []
+        return self._offer_next_autosave()
+
+    def _offer_next_autosave(self) -> AutosaveInfo | None:
+        info = self.recoverable = self._more_recoverable.pop(0) if self._more_recoverable else None
         if info is not None:
             changed = " The image file changed since; check the labels fit." if info.image_changed else ""
-            self.restore_message.setText(f"Unsaved labels for {path.name} from {info.saved_at_text} ({info.edits} "
-                                         f"edits) were found. Restore them as a new labels layer?{changed} "
-                                         "Autosave is paused until you choose.")
+            layer = f" of {info.layer_name!r}" if info.layer_name else ""
+            self.restore_message.setText(
+                f"Unsaved labels{layer} for {Path(info.image_path).name} from {info.saved_at_text} ({info.edits} "
+                f"edits) were found. Restore them as a new labels layer?{changed}")
         self.restore_frame.setVisible(info is not None)
         return info
 
     def _start_autosave(self) -> None:
         self._stop_autosave()
         path, labels = image_source_path(self.image_layer), self.labels_layer
-        if self.recoverable is not None:
-            self.autosave_label.setText("Autosave: paused until the earlier autosave is restored or discarded")
-        elif path is None:
+        if path is None:
             self.autosave_label.setText("Autosave: off (the image was not opened from a file)")
         elif labels is None:
             self.autosave_label.setText("Autosave: choose a labels layer of the image's shape")
@@ -191,9 +212,9 @@ class SessionPanel(QWidget):
             self.autosave_label.setText(f"Autosave: every {self.every_edits} edits of {labels.name!r}")
 
     def _stop_autosave(self) -> None:
+        # Not waited for: a write still running finishes in its thread (atomically) while the viewer goes on.
         if self._autosave is not None:
             self._autosave.disconnect()
-            self._autosave.autosaver.wait()
             self._autosave = None
 
     @property
@@ -201,41 +222,86 @@ class SessionPanel(QWidget):
         return None if self._autosave is None else self._autosave.autosaver
 
     def _emit_autosaved(self, path: Path) -> None:
-        self.autosaved.emit(str(path))
+        try:
+            self.autosaved.emit(str(path))
+        except RuntimeError:  # the panel was closed while the write ran
+            pass
 
     def _show_autosaved(self, _path: str) -> None:
         from datetime import datetime
 
+        if self._discard_when_autosaved is not None:  # the restored labels are safe in their own autosave now
+            discard_autosave(self._discard_when_autosaved)
+            self._discard_when_autosaved = None
         if self._autosave is not None:
             self.autosave_label.setText(f"Autosaved {datetime.now():%H:%M:%S} ({self._autosave.autosaver.total_edits} "
                                         f"edits of {self._autosave.labels.name!r}); every {self.every_edits} edits")
 
-    def restore(self) -> Labels | None:
-        """Add the recoverable autosave as a new Labels layer over the image; autosave then resumes on it."""
+    def restore(self) -> BackgroundTask | None:
+        """Read the offered autosave in a thread, then add it as a new Labels layer over the image.
+
+        The autosave file is deleted once the restored layer's own first autosave is written, so a crash in
+        between still finds it.
+        """
         image, info = self.image_layer, self.recoverable
         if image is None or info is None:
             return None
-        try:
-            labels = restore_autosave(info, like=volume_from_layer(image.data, image.metadata))
-        except (SessionError, VolumeError) as error:
-            show_error(str(error))
-            return None
-        name = f"{info.layer_name or image.name} (restored {info.saved_at_text})"
-        layer = self._viewer.add_labels(labels, name=name, **geometry_kwargs(image))
-        self.recoverable = None
-        self.restore_frame.setVisible(False)
-        self.labels_combo.select_layer(layer)
-        self._start_autosave()
-        return layer
+        like = volume_from_layer(image.data, image.metadata)
+
+        def add_layer(labels: np.ndarray) -> None:
+            name = f"{info.layer_name or image.name} (restored {info.saved_at_text})"
+            layer = self._viewer.add_labels(labels, name=name, **geometry_kwargs(image))
+            self.labels_combo.select_layer(layer)
+            if self._autosave is not None and self._autosave.labels is layer:
+                self._discard_when_autosaved = info
+                self._autosave.autosaver.save_now()
+            self._offer_next_autosave()
+
+        def failed() -> None:  # a damaged file was moved aside by restore_autosave: offer the next one
+            self._offer_next_autosave()
+
+        return self._run_file_task("restore the autosave", lambda: restore_autosave(info, like=like), add_layer,
+                                   on_error=failed)
 
     def discard(self) -> None:
-        """Delete the earlier autosave (after the user said so) and resume autosaving."""
-        path = image_source_path(self.image_layer)
-        if path is not None:
-            discard_autosave(path)
-        self.recoverable = None
-        self.restore_frame.setVisible(False)
-        self._start_autosave()
+        """Delete the offered earlier autosave (after the user said so); the next one, if any, is offered."""
+        if self.recoverable is not None:
+            discard_autosave(self.recoverable)
+        self._offer_next_autosave()
+
+    # -- work off the GUI thread -------------------------------------------------------------------
+    @property
+    def idle(self) -> bool:
+        """No session file work running (tests and scripts wait for this)."""
+        return self._file_task is None
+
+    def _run_file_task(self, name: str, work, on_success, on_error=None) -> BackgroundTask | None:
+        """``work()`` in a thread; ``on_success(value)`` on the GUI thread, or an error notification."""
+        if self._file_task is not None:
+            show_info(f"napari-sam-ft: wait until {self._file_task.name} has finished")
+            return None
+
+        def done(outcome: TaskOutcome) -> None:
+            self._file_task = None
+            self._set_file_busy(False)
+            if outcome.error is not None:
+                self.file_label.setText(f"{name}: failed")
+                show_error(f"napari-sam-ft: cannot {name}: {describe_error(outcome.error)}")
+                if on_error is not None:
+                    on_error()
+                return
+            self.file_label.setText(f"{name}: done in {outcome.seconds:.1f} s")
+            on_success(outcome.value)
+
+        self._set_file_busy(True, f"{name}…")
+        self._file_task = BackgroundTask(name, lambda _progress, _should_cancel: work(), done).start()
+        return self._file_task
+
+    def _set_file_busy(self, busy: bool, text: str = "") -> None:
+        for button in (self.save_button, self.open_button, self.restore_button, self.discard_button):
+            button.setEnabled(not busy)
+        if busy:
+            self.file_label.setText(text)
 
     # -- reviewed slices -------------------------------------------------------------------------
     def toggle_reviewed(self) -> None:
@@ -284,49 +350,56 @@ class SessionPanel(QWidget):
                     prompts.append(SlicePrompt(slice_index, 1, box))
         return [prompt for prompt in prompts if 0 <= prompt.slice_index < num_slices]
 
-    def save(self, session_path: str | Path) -> Path | None:
-        """Save the image's session (labels, prompts, choices, reviewed slices); the autosave is then removed."""
+    def save(self, session_path: str | Path) -> BackgroundTask | None:
+        """Save the image's session (labels, prompts, choices, reviewed slices) in a thread; ``last_saved`` says
+        where once done, and this panel's autosave is then removed (everything is in the session)."""
         image, labels = self.image_layer, self.labels_layer
         if image is None:
             show_error("choose an image layer to save a session of")
             return None
-        try:
-            volume = volume_from_layer(image.data, image.metadata, image.scale, image.translate)
-            choices = {key: value for key, value in (image.metadata.get(CHOICES_KEY) or {}).items()
-                       if key in CHOICE_FIELDS}
-            if layer_channel(image) is not None:  # one channel of a 4D file: what this layer shows and segments
-                choices["channels"] = [layer_channel(image)]
-            state = session_from_volume(volume, reviewed_slices=sorted(self.reviewed_slices),
-                                        prompts=self._prompts(volume.num_slices), **choices)
-            path = save_session(session_path, state, None if labels is None else np.asarray(labels.data), like=volume)
-        except (SessionError, VolumeError, OSError) as error:
-            show_error(f"cannot save the session: {error}")
-            return None
-        if self._autosave is not None:
-            self._autosave.autosaver.discard()  # everything is in the session now
-        show_info(f"session saved to {path}")
-        return path
+        # Gathered here (references and small lists); hashing, copying and writing run in the thread.
+        data, metadata, scale, translate = image.data, dict(image.metadata), image.scale, image.translate
+        labels_data = None if labels is None else labels.data
+        choices = {key: value for key, value in (metadata.get(CHOICES_KEY) or {}).items() if key in CHOICE_FIELDS}
+        reviewed = sorted(self.reviewed_slices)
+        prompts = self._prompts(int(data.shape[0]))
 
-    def open(self, session_path: str | Path) -> tuple[Image, Labels | None] | None:
-        """Open a session: its image (reused if already open), labels, prompts, choices and reviewed slices."""
-        try:
-            opened = open_session(session_path)
-        except (SessionError, VolumeError) as error:
-            show_error(f"cannot open the session: {error}")
-            return None
-        for warning in opened.warnings:
-            show_warning(warning)
+        def work() -> Path:
+            volume = volume_from_layer(data, metadata, scale, translate)
+            state = session_from_volume(volume, reviewed_slices=reviewed, prompts=prompts, **choices)
+            # A copy first: a stroke painted during the write then waits for the next save, whole.
+            snapshot = None if labels_data is None else np.array(labels_data, copy=True)
+            return save_session(session_path, state, snapshot, like=volume)
+
+        def saved(path: Path) -> None:
+            self.last_saved = path
+            if self._autosave is not None:
+                self._autosave.autosaver.discard()
+            show_info(f"session saved to {path}")
+
+        return self._run_file_task("save the session", work, saved)
+
+    def open(self, session_path: str | Path) -> BackgroundTask | None:
+        """Open a session in a thread: its image (reused if already open), labels, prompts, choices and reviewed
+        slices are added once read; ``last_opened`` is then (image layer, labels layer or None)."""
+
+        def add_layers(opened: OpenedSession) -> None:
+            for warning in opened.warnings:
+                show_warning(warning)
+            self.last_opened = self._show_session(opened)
+            show_info(f"opened session {session_path}")
+
+        return self._run_file_task("open the session", lambda: open_session(session_path), add_layers)
+
+    def _show_session(self, opened: OpenedSession) -> tuple[Image, Labels | None]:
         state, volume = opened.state, opened.volume
-        # A session on several channels opens one 3D layer per channel (the Segment widget takes 3D layers).
-        first_channel = state.channels[0] if state.channels else None
         image = next((layer for layer in self._viewer.layers if isinstance(layer, Image)
                       and image_source_path(layer) is not None
                       and image_source_path(layer).resolve() == Path(state.image_path).resolve()
-                      and tuple(layer.data.shape) == tuple(volume.shape) and layer_channel(layer) == first_channel),
-                     None)
+                      and tuple(layer.data.shape) == tuple(volume.array.shape)), None)
         if image is None:
-            image = [self._viewer.add_image(data, **kwargs) for data, kwargs, _ in
-                     scan_layers_data(volume, state.channels)][0]
+            data, kwargs, _ = image_layer_data(volume)
+            image = self._viewer.add_image(data, **kwargs)
         image.metadata[CHOICES_KEY] = {key: getattr(state, key) for key in CHOICE_FIELDS}
         labels = None
         if opened.labels is not None:
@@ -338,7 +411,6 @@ class SessionPanel(QWidget):
         if labels is not None:
             self.labels_combo.select_layer(labels)
         self._update_reviewed_text()
-        show_info(f"opened session {session_path}")
         return image, labels
 
     def _add_prompts(self, image: Image, prompts: list[SlicePrompt]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -133,7 +134,7 @@ def _print_state(state, labels=None) -> None:
 
 
 def run_info(args) -> int:
-    from ..session import SESSION_SUFFIX, find_recoverable_autosave, read_session_file
+    from ..session import SESSION_SUFFIX, read_session_file, scan_autosaves
 
     path = Path(args.path)
     if path.name.endswith(SESSION_SUFFIX) or path.suffix == ".json":
@@ -145,7 +146,10 @@ def run_info(args) -> int:
         return 0
     if not path.exists():
         raise ValueError(f"{path}: file not found")
-    info = find_recoverable_autosave(path)
+    scan = scan_autosaves(path)
+    info = scan.recoverable[0] if scan.recoverable else None
+    for damaged in scan.damaged:
+        print(f"warning: a damaged autosave of {path} was moved aside to {damaged}", file=sys.stderr)
     if args.json:
         print(json.dumps(None if info is None else {"autosave": str(info.path), "saved_at": info.saved_at,
                                                     "edits": info.edits, "shape": list(info.shape),
@@ -171,5 +175,5 @@ def run_recover(args) -> int:
     path = write_volume(args.output, labels, like=volume)
     print(f"wrote {path} (autosaved {info.saved_at_text}, {info.edits} edits)")
     if args.discard:
-        discard_autosave(args.image)
+        discard_autosave(info)
     return 0

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from napari_sam_ft._widgets._layers import BOXES_NAME
 from napari_sam_ft._widgets.session_panel import CHOICES_KEY, SessionPanel
-from napari_sam_ft.session import autosave_path, find_recoverable_autosave
+from napari_sam_ft.session import DAMAGED_SUFFIX, read_autosave_info, restore_autosave
 from napari_sam_ft.sample import sample_paths
 
 from .helpers import SLICE, rectangle
@@ -26,32 +32,61 @@ def _panel(viewer, every_edits=2) -> SessionPanel:
     return panel
 
 
-def test_painting_autosaves_and_a_new_panel_offers_to_restore_it(ct_viewer, qtbot):
+def autosave_from_a_crashed_napari(image_path, autosave_folder, layer_name="organs") -> Path:
+    """Labels autosaved for the image by another napari-sam-ft process that then died: its autosave file."""
+    script = textwrap.dedent("""
+        import sys, numpy as np
+        from napari_sam_ft.session import Autosaver
+        labels = np.zeros((30, 101, 122), np.uint8)
+        labels[15, 40:50, 40:50] = 42
+        autosaver = Autosaver(sys.argv[1], lambda: labels, every_edits=2, layer_name=sys.argv[2])
+        autosaver.record_edit(2)
+        print(autosaver.path)
+    """)
+    finished = subprocess.run([sys.executable, "-c", script, str(image_path), layer_name], capture_output=True,
+                              text=True, timeout=120, check=True,
+                              env={**os.environ, "NAPARI_SAM_FT_AUTOSAVE": str(autosave_folder)})
+    return Path(finished.stdout.strip().splitlines()[-1])
+
+
+def test_painting_autosaves_and_keeps_autosaving_while_an_earlier_autosave_is_offered(ct_viewer, qtbot,
+                                                                                       autosave_folder):
     image_path = sample_paths("ct")[0]
+    earlier = autosave_from_a_crashed_napari(image_path, autosave_folder)
+    earlier_bytes = earlier.read_bytes()
     panel = _panel(ct_viewer)
+    assert panel.restore_frame.isVisibleTo(panel) and "2 edits" in panel.restore_message.text()
+    assert "organs" in panel.restore_message.text()
     labels = panel.labels_layer
     assert labels is not None and labels.name == "sample CT reference"
-    assert not panel.restore_frame.isVisibleTo(panel) and "every 2 edits" in panel.autosave_label.text()
-    labels.paint((SLICE, 40, 40), 42)
-    assert not autosave_path(image_path).exists()
-    labels.paint((SLICE, 60, 60), 42)
-    qtbot.waitUntil(lambda: autosave_path(image_path).exists() and "Autosaved" in panel.autosave_label.text(),
-                    timeout=10000)
-    painted = np.array(labels.data)
+    assert "every 2 edits" in panel.autosave_label.text()  # not paused by the open question
 
-    # The viewer "crashed": a new panel on the same image finds the autosave and pauses autosaving until asked.
-    with qtbot.waitSignal(panel.destroyed, timeout=5000):
-        ct_viewer.window.remove_dock_widget(panel)
-        panel.deleteLater()
-    second = _panel(ct_viewer)
-    assert second.restore_frame.isVisibleTo(second) and "2 edits" in second.restore_message.text()
-    assert second.autosaver is None and "paused" in second.autosave_label.text()
-    second.restore_button.click()
+    labels.paint((SLICE, 80, 80), 7)
+    labels.paint((SLICE, 90, 90), 7)
+    qtbot.waitUntil(lambda: "Autosaved" in panel.autosave_label.text(), timeout=10000)
+    ours = panel.autosaver.path
+    assert ours != earlier and ours.exists() and earlier.read_bytes() == earlier_bytes  # never overwritten
+    assert np.array_equal(restore_autosave(read_autosave_info(ours)), np.asarray(labels.data))
+
+    panel.restore_button.click()
+    qtbot.waitUntil(lambda: panel.idle and ct_viewer.layers[-1].name.startswith("organs (restored"), timeout=10000)
     restored = ct_viewer.layers[-1]
-    assert restored.name.startswith("sample CT reference (restored")
-    assert np.array_equal(restored.data, painted) and (restored.data[SLICE, 40, 40] == 42)
-    assert not second.restore_frame.isVisibleTo(second)
-    assert second.labels_layer is restored and second.autosaver is not None
+    assert restored.data[SLICE, 45, 45] == 42 and int(restored.data.max()) == 42
+    assert not panel.restore_frame.isVisibleTo(panel)
+    assert panel.labels_layer is restored and panel.autosaver is not None
+    # Once the restored layer's own autosave is written, the earlier file goes.
+    qtbot.waitUntil(lambda: not earlier.exists(), timeout=10000)
+    assert read_autosave_info(panel.autosaver.path).layer_name == restored.name
+
+
+def test_a_damaged_autosave_is_reported_and_kept_aside(ct_viewer, qtbot, autosave_folder, notifications):
+    image_path = sample_paths("ct")[0]
+    earlier = autosave_from_a_crashed_napari(image_path, autosave_folder)
+    earlier.write_bytes(b"PK\x03\x04 cut short")
+    panel = _panel(ct_viewer)
+    kept = earlier.with_name(earlier.name + DAMAGED_SUFFIX)
+    assert not panel.restore_frame.isVisibleTo(panel) and kept.exists() and not earlier.exists()
+    assert any("damaged" in str(note.message) and str(kept) in str(note.message) for note in notifications)
 
 
 def test_save_and_open_a_session_restores_labels_prompts_and_reviewed_slices(ct_viewer, qtbot, tmp_path):
@@ -64,16 +99,22 @@ def test_save_and_open_a_session_restores_labels_prompts_and_reviewed_slices(ct_
     assert panel.reviewed_slices == {SLICE} and "1 of 30" in panel.reviewed_label.text()
     labels = panel.labels_layer
     labels.paint((SLICE, 50, 50), 7)  # every edit autosaves here
-    qtbot.waitUntil(lambda: find_recoverable_autosave(sample_paths("ct")[0]) is not None, timeout=10000)
+    qtbot.waitUntil(lambda: panel.autosaver.path.exists(), timeout=10000)
+    autosave = panel.autosaver.path
     reference = np.array(labels.data)
 
-    path = panel.save(tmp_path / "organs.session.json")
+    assert panel.save(tmp_path / "organs.session.json") is not None
+    assert not panel.save_button.isEnabled()  # the write runs in a thread
+    qtbot.waitUntil(lambda: panel.idle, timeout=30000)
+    path = panel.last_saved
     assert path is not None and (tmp_path / "organs.labels.nii.gz").exists()
-    assert find_recoverable_autosave(sample_paths("ct")[0]) is None  # saved: nothing left to recover
+    assert not autosave.exists()  # saved: nothing left to recover
 
     ct_viewer.layers.remove(labels)
     panel.reviewed_slices = set()
-    image_layer, opened_labels = panel.open(path)
+    panel.open(path)
+    qtbot.waitUntil(lambda: panel.idle, timeout=30000)
+    image_layer, opened_labels = panel.last_opened
     assert image_layer is image  # the open image is reused, not loaded twice
     assert np.array_equal(opened_labels.data, reference)
     assert panel.reviewed_slices == {SLICE} and panel.labels_layer is opened_labels
