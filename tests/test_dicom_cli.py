@@ -35,8 +35,9 @@ def _report(capsys) -> dict:
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
-def test_evaluate_a_dicom_folder_against_nifti_labels_scores_what_the_nifti_scores(dicom_ct, capsys):
-    options = ["--prompt", "box", "--slices", "13:17", "--classes", "1,5", "--json"]
+def test_evaluate_a_dicom_folder_against_nifti_labels_or_a_seg_scores_what_the_nifti_scores(dicom_ct, tmp_path,
+                                                                                               capsys):
+    options = ["--prompt", "box", "--slices", "14:16", "--classes", "1,5", "--json"]
     assert main(["evaluate", str(dicom_ct["folder"]), str(SAMPLE_CT_LABELS), *options]) == 0
     output = capsys.readouterr()
     assert "largest CT/MR series of 2" in output.err  # the choice of series is said
@@ -48,6 +49,18 @@ def test_evaluate_a_dicom_folder_against_nifti_labels_scores_what_the_nifti_scor
         assert entry["reference_voxels"] == from_dicom["per_class"][name]["reference_voxels"]
         assert from_dicom["per_class"][name]["dice"] == pytest.approx(entry["dice"], abs=0.01)
     assert from_dicom["dice"] > 0.8
+
+    # The same reference as a DICOM SEG over the series (written by write_volume, read back by reference).
+    from napari_sam_ft.volume import read_labels, read_volume, write_volume
+
+    volume = read_volume(dicom_ct["folder"])
+    seg = write_volume(tmp_path / "reference.dcm", read_labels(SAMPLE_CT_LABELS, like=volume).array, like=volume)
+    assert main(["evaluate", str(dicom_ct["folder"]), str(seg), *options]) == 0
+    from_seg = _report(capsys)
+    by_label = {entry["label"]: entry for entry in from_seg["per_class"].values()}
+    for entry in from_nifti["per_class"].values():
+        assert by_label[entry["label"]]["reference_voxels"] == entry["reference_voxels"]
+        assert by_label[entry["label"]]["dice"] == pytest.approx(entry["dice"], abs=0.01)
 
 
 def test_segment_a_dicom_series_to_a_seg_on_the_prompted_instances(dicom_ct, tmp_path, capsys):
