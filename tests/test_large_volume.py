@@ -273,3 +273,28 @@ def test_hd95_on_the_masks_bounding_box_equals_the_whole_volume_distance_maps_an
     assert hd95(edge, reference, spacing) == pytest.approx(whole_volume(edge, reference), abs=1e-9)
     peak = _peak_bytes(lambda: hd95(prediction, reference, spacing))
     assert peak < reference.size * 8 / 4  # one whole-volume float64 distance map would be 4x this
+
+
+def test_the_large_scan_benchmark_phantom_has_its_liver_on_the_patients_right_and_is_prompted_where_it_shows(
+        tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from napari_sam_ft.volume import read_labels
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "large_volume.py"
+    spec = importlib.util.spec_from_file_location("large_volume_benchmark", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    shape = (24, 96, 96)
+    image, labels = tmp_path / "phantom.nii", tmp_path / "phantom_labels.nii.gz"
+    bench.write_phantom_ct(image, shape, compressed_path=tmp_path / "phantom.nii.gz", labels_path=labels)
+    liver_slice = int(0.55 * (shape[0] - 1))
+    assert bench.file_liver_x(labels, liver_slice) > 5.0  # nibabel alone: RAS x > 0 is the patient's right
+    compressed = read_volume(tmp_path / "phantom.nii.gz")
+    assert np.array_equal(np.asarray(compressed.array), np.asarray(read_volume(image).array))
+    shown = read_labels(labels, like=compressed).array[liver_slice]
+    drawn = bench.phantom_slice(liver_slice, *shape)[1]  # the radiological view the prompts are taken from
+    assert np.array_equal(shown, drawn)
+    assert bench.world_x_of(liver_slice, drawn == bench.LIVER, compressed.world_affine) == pytest.approx(
+        bench.file_liver_x(labels, liver_slice), abs=0.5)
