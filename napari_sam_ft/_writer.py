@@ -8,6 +8,8 @@ Every write is atomic. No torch here: opening and saving stay free of the model'
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from ._layer_data import smallest_label_dtype, volume_for_layer
@@ -25,13 +27,13 @@ class SaveRefused(RuntimeError):
 def refusing_to_guess(write):
     """Turn a writer's ``VolumeError`` into ``SaveRefused``, so napari shows its message as it is."""
 
+    @functools.wraps(write)
     def checked(path: str, data, attributes: dict) -> list[str]:
         try:
             return write(path, data, attributes)
         except VolumeError as error:
             raise SaveRefused(str(error)) from None
 
-    checked.__doc__, checked.__name__ = write.__doc__, write.__name__
     return checked
 
 

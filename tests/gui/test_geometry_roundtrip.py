@@ -15,6 +15,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
 import SimpleITK as sitk
 
@@ -132,7 +133,7 @@ def test_seg_nrrd_mask_overlays_the_scan_and_keeps_class_names(make_napari_viewe
     [image] = viewer.open(str(ct_path), plugin=PLUGIN)
     labels = labels_by_new_labels_action(viewer, image)
     painted = paint(labels, distinctive_voxels(np.asarray(image.data), 2))
-    labels.metadata["class_names"] = {1: "nodule", 2: "vessel"}
+    labels.features = pd.DataFrame({"index": [0, 1, 2], "name": ["background", "nodule", "vessel"]})
     path = save(viewer, labels, tmp_path / "mask.seg.nrrd")
     assert_overlays(path, sitk.ReadImage(str(ct_path)), image, painted)
     names = {segment["labelValue"]: segment["name"] for segment in slicerio.read_segmentation(str(path))["segments"]}
