@@ -50,6 +50,7 @@ class CohortWidget(QWidget):
         self._viewer = napari_viewer
         self.task: BackgroundTask | None = None
         self.last_outcome: TaskOutcome | None = None
+        self.messages: list[str] = []  # the run's reports, in order (the label shows the latest)
         self._relay = _MessageRelay()
         self._relay.said.connect(self._show_message)
 
@@ -149,6 +150,7 @@ class CohortWidget(QWidget):
 
         self.progress_bar.setRange(0, len(scans))
         self.progress_bar.setValue(0)
+        self.messages.clear()
         self.status_label.setText(f"starting {workers} worker{'s' if workers > 1 else ''} for {len(scans)} scans…")
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
@@ -165,6 +167,7 @@ class CohortWidget(QWidget):
         self.progress_bar.setValue(done)
 
     def _show_message(self, message: str) -> None:
+        self.messages.append(message)
         if self.running and not self.task.cancel_requested:
             self.status_label.setText(message)
 
