@@ -5,14 +5,16 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import torch
 
 from .engine.automatic import match_instances_to_classes, segment_volume
+from .engine.click_search import predict_object
 from .engine.predictor import CancelCheck, Cancelled, ProgressCallback, VolumePredictor
 from .engine.prompts import box_from_mask, interior_point
+from .engine.propagate import propagate_mask
+from .engine.window_choice import encoder_passes, windows_used
 from .metrics import score_labels, score_masks
 
-PROMPT_MODES = ("box", "point", "none")
+PROMPT_MODES = ("box", "point", "point_box", "propagate", "none")
 
 
 def parse_slice_range(text: str | None, num_slices: int) -> tuple[int, int]:
@@ -30,36 +32,73 @@ def parse_slice_range(text: str | None, num_slices: int) -> tuple[int, int]:
     return first, stop - 1
 
 
+def reference_prompt(reference_mask: np.ndarray, prompt_mode: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The simulated user's prompt for one object on one slice: (click (1, 2) xy or None, box (4,) or None).
+
+    ``box``: the tight reference box; ``point``: one click at the interior point (the pixel farthest from
+    the border, so deterministic); ``point_box``: both.
+    """
+    click = interior_point(reference_mask)[None] if prompt_mode in ("point", "point_box") else None
+    box = box_from_mask(reference_mask) if prompt_mode in ("box", "point_box") else None
+    return click, box
+
+
 def segment_with_reference_prompts(predictor: VolumePredictor, reference: np.ndarray, prompt_mode: str,
                                    slice_indices, class_ids, progress: ProgressCallback | None = None,
                                    should_cancel: CancelCheck | None = None) -> dict[int, np.ndarray]:
-    """One simulated prompt per object per slice (a reference box, or one click deep inside it).
+    """One simulated prompt per object per slice (a reference box, one click deep inside it, or both).
 
-    Each object is segmented on its own, as a user prompting one structure at a time would get it; all
-    objects of a slice share one batched decoder pass. Returns {class id: (Z, H, W) bool mask}.
+    Each object is segmented on its own, as a user prompting one structure at a time would get it, through
+    the same ``predict_object`` the widget uses (window per prompt, clicks searched for box-trained
+    models). Returns {class id: (Z, H, W) bool mask}.
     """
     masks_by_class = {class_id: np.zeros(reference.shape, bool) for class_id in class_ids}
     slice_indices = list(slice_indices)
     for done, index in enumerate(slice_indices):
         if should_cancel is not None and should_cancel():
             raise Cancelled("evaluation cancelled")
-        present = [class_id for class_id in class_ids if (reference[index] == class_id).any()]
-        if present:
-            references = [reference[index] == class_id for class_id in present]
-            if prompt_mode == "box":
-                boxes = np.stack([box_from_mask(mask) for mask in references])
-                logits, _, _ = predictor.decode(index, None, None, boxes, None, multimask_output=False)
-                logits = logits[:, 0]
-            else:
-                points = np.stack([interior_point(mask) for mask in references])[:, None, :]
-                logits, scores, _ = predictor.decode(index, points, np.ones((len(present), 1), np.float32), None,
-                                                     None, multimask_output=True)
-                logits = logits[torch.arange(len(present)), scores.argmax(dim=1)]
-            for class_id, object_logits in zip(present, logits):
-                masks_by_class[class_id][index] = (object_logits > 0).cpu().numpy()
+        for class_id in class_ids:
+            reference_mask = reference[index] == class_id
+            if reference_mask.any():
+                click, box = reference_prompt(reference_mask, prompt_mode)
+                masks_by_class[class_id][index] = predict_object(predictor, index, click,
+                                                                 None if click is None else np.ones(1, np.int64),
+                                                                 box).mask
         if progress:
             progress(done + 1, len(slice_indices))
     return masks_by_class
+
+
+def propagate_from_largest_slice(predictor: VolumePredictor, reference: np.ndarray, slice_indices, class_ids,
+                                 progress: ProgressCallback | None = None, should_cancel: CancelCheck | None = None
+                                 ) -> tuple[dict[int, np.ndarray], dict[int, dict]]:
+    """Each class from one reference box on the slice where it is largest, grown through ``slice_indices``.
+
+    Returns ({class id: (Z, H, W) bool mask}, {class id: the key slice and, per side, the last slice
+    reached and why growth stopped}).
+    """
+    slice_indices = list(slice_indices)
+    low, high = slice_indices[0], slice_indices[-1]
+    masks_by_class, reports = {}, {}
+    for done, class_id in enumerate(class_ids):
+        if should_cancel is not None and should_cancel():
+            raise Cancelled("evaluation cancelled")
+        areas = (reference[low:high + 1] == class_id).sum(axis=(1, 2))
+        if not areas.any():
+            continue
+        key = low + int(np.argmax(areas))
+        key_mask = predict_object(predictor, key, None, None, box_from_mask(reference[key] == class_id)).mask
+        sides: dict = {}
+        if key_mask.any():
+            masks_by_class[class_id] = propagate_mask(predictor, {key: key_mask}, slice_range=(low, high),
+                                                      should_cancel=should_cancel, report=sides)
+        else:
+            masks_by_class[class_id] = np.zeros(reference.shape, bool)
+            sides = {side: {"reached": key, "stop": "the key slice's mask is empty"} for side in ("below", "above")}
+        reports[class_id] = {"key_slice": key, **sides}
+        if progress:
+            progress(done + 1, len(class_ids))
+    return masks_by_class, reports
 
 
 def compose_labels(masks_by_class: dict[int, np.ndarray], shape) -> np.ndarray:
@@ -100,6 +139,10 @@ def evaluate(predictor: VolumePredictor, reference: np.ndarray, prompt_mode: str
             automatic = match_instances_to_classes(automatic, reference_in_range)
         prediction = np.zeros(reference.shape, np.int32)
         prediction[first:last + 1] = automatic[first:last + 1]
+    elif prompt_mode == "propagate":
+        masks_by_class, propagation = propagate_from_largest_slice(predictor, reference_in_range, slice_indices,
+                                                                   class_ids, progress, should_cancel)
+        prediction = compose_labels(masks_by_class, reference.shape)
     else:
         masks_by_class = segment_with_reference_prompts(predictor, reference_in_range, prompt_mode, slice_indices,
                                                         class_ids, progress, should_cancel)
@@ -114,8 +157,11 @@ def evaluate(predictor: VolumePredictor, reference: np.ndarray, prompt_mode: str
         report = score_masks({class_id: mask[scored] for class_id, mask in masks_by_class.items()},
                              reference_in_range[scored], predictor.volume.spacing, class_names, with_hd95)
     report.update({"prompt": prompt_mode, "model": predictor.model.name, "adapter": predictor.model.adapter_id,
-                   "window": predictor.window.key, "slices": [first, last], "seconds": round(seconds, 2),
-                   "encoder_passes": predictor.encoder_calls})
+                   "window": predictor.window.key, "windows_used": windows_used(predictor), "slices": [first, last],
+                   "seconds": round(seconds, 2), "encoder_passes": encoder_passes(predictor)})
+    if prompt_mode == "propagate":
+        for name, entry in report["per_class"].items():
+            entry["propagation"] = propagation[entry["label"]]
     if prompt_mode == "none" and predictor.model.class_head is None:
         report["matching"] = "each automatic instance scored as the reference class it overlaps most"
     return report, prediction

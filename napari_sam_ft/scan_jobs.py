@@ -30,7 +30,9 @@ def predictor_for(model: LoadedModel, volume: Volume, window="auto", cache: Embe
         from .finetune.adapters import active_adapter, window_for_adapter
 
         chosen = window_for_adapter(active_adapter(model), chosen, explicit=window != "auto")
-    return VolumePredictor(model, volume, window=chosen, cache=cache, precision=precision)
+    predictor = VolumePredictor(model, volume, window=chosen, cache=cache, precision=precision)
+    predictor.window_is_automatic = window == "auto"  # engine.window_choice may pick a window per prompt
+    return predictor
 
 
 def evaluate_against(predictor: VolumePredictor, labels_path: str | Path, prompt_mode: str = "box",

@@ -53,9 +53,10 @@ def register(subparsers) -> None:
     evaluate.add_argument("image")
     evaluate.add_argument("labels", help="reference label file on the image's voxel grid, in any voxel order or "
                           "format (aligned by world geometry; a DICOM SEG over a DICOM series)")
-    evaluate.add_argument("--prompt", choices=("box", "point", "none"), default="box",
-                          help="box: one reference box per object per slice; point: one click deep inside it; "
-                          "none: automatic segmentation")
+    evaluate.add_argument("--prompt", choices=("box", "point", "point_box", "propagate", "none"), default="box",
+                          help="box: one reference box per object per slice; point: one click at its interior point "
+                          "(farthest from the border); point_box: both; propagate: the reference box on the slice "
+                          "where the object is largest, grown through the volume; none: automatic segmentation")
     evaluate.add_argument("--slices", default=None, help="only slices A:B (B exclusive)")
     evaluate.add_argument("--classes", default=None, help="comma-separated label ids to score (default: all present)")
     evaluate.add_argument("--json", action="store_true", help="print the report as one JSON object on the last line")

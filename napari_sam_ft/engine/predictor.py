@@ -102,6 +102,8 @@ class VolumePredictor:
         self.model = model
         self.volume = volume
         self.window = window if isinstance(window, Window) else choose_window(volume.array, window)
+        # "auto" lets engine.window_choice pick a window per prompt (e.g. a lung window for a lesion in air).
+        self.window_is_automatic = isinstance(window, str) and window == "auto"
         self.cache = cache if cache is not None else EmbeddingCache()
         self.encoder_dtype = autocast_dtype(model.device, precision)
         self.batch_size = batch_size or default_batch_size(model)

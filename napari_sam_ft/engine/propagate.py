@@ -7,6 +7,7 @@ from scipy import ndimage
 
 from .predictor import Cancelled, CancelCheck, ProgressCallback, VolumePredictor
 from .prompts import box_from_mask
+from .window_choice import predictor_for_box
 
 DEFAULT_STOP_IOU = 0.7
 DEFAULT_MIN_AREA_RATIO = 0.2
@@ -32,16 +33,32 @@ def _keep_connected_to(mask: np.ndarray, previous: np.ndarray) -> np.ndarray:
     return np.isin(components, touching)
 
 
+def _stop_reason(score: float, mask: np.ndarray, previous: np.ndarray, stop_iou: float,
+                 min_area_ratio: float) -> str:
+    """Why growth stops at this slice ("" if it goes on)."""
+    if not mask.any():
+        return "the mask vanished"
+    if score < stop_iou:
+        return f"predicted IoU {score:.2f} < {stop_iou:.2f}"
+    if mask.sum() < min_area_ratio * previous.sum():
+        return f"area fell below {min_area_ratio:.0%} of the previous slice's"
+    return ""
+
+
 def propagate_mask(predictor: VolumePredictor, key_masks: dict[int, np.ndarray], *,
                    stop_iou: float = DEFAULT_STOP_IOU, min_area_ratio: float = DEFAULT_MIN_AREA_RATIO,
                    use_mask_prompt: bool = False, slice_range: tuple[int, int] | None = None,
-                   progress: ProgressCallback | None = None, should_cancel: CancelCheck | None = None) -> np.ndarray:
+                   progress: ProgressCallback | None = None, should_cancel: CancelCheck | None = None,
+                   report: dict | None = None, scores: dict[int, float] | None = None) -> np.ndarray:
     """One object through the volume, from masks on one or more key slices -> (Z, H, W) bool.
 
     Between two key slices each slice is prompted with the box interpolated between the keys' boxes.
     Beyond the outermost keys each slice is prompted with the box of its neighbour's mask (and that
     mask's logits with ``use_mask_prompt``); growth stops when the predicted IoU falls below
     ``stop_iou``, the mask vanishes, or its area falls below ``min_area_ratio`` of the neighbour's.
+
+    ``report``, if given, receives for each side ("below", "above") the last slice reached and why growth
+    stopped; ``scores`` receives each grown slice's predicted IoU (the widget shows the weakest).
     """
     num_slices = predictor.volume.num_slices
     low, high = slice_range if slice_range is not None else (0, num_slices - 1)
@@ -71,22 +88,33 @@ def propagate_mask(predictor: VolumePredictor, key_masks: dict[int, np.ndarray],
         for index in range(first + 1, second):
             fraction = (index - first) / (second - first)
             box = (1 - fraction) * first_box + fraction * second_box
-            result[index] = predictor.predict(box=box, slice_index=index).mask
+            prediction = predictor_for_box(predictor, index, box).predict(box=box, slice_index=index)
+            result[index] = prediction.mask
+            if scores is not None:
+                scores[index] = prediction.score
             step()
 
-    for start, stop, direction in ((keys[0], low - 1, -1), (keys[-1], high + 1, 1)):
+    for side, start, stop, direction in (("below", keys[0], low - 1, -1), ("above", keys[-1], high + 1, 1)):
         previous = result[start]
         previous_logits = None
+        reached, reason = start, "end of the range"
         for index in range(start + direction, stop, direction):
             box = box_from_mask(previous, margin=_box_margin(previous))
-            prediction = predictor.predict(box=box, slice_index=index,
-                                           mask_input=previous_logits if use_mask_prompt else None)
+            chosen = predictor_for_box(predictor, index, box)
+            prediction = chosen.predict(box=box, slice_index=index,
+                                        mask_input=previous_logits if use_mask_prompt else None)
             mask = _keep_connected_to(prediction.mask, previous)
             step()
-            if prediction.score < stop_iou or mask.sum() < min_area_ratio * previous.sum() or not mask.any():
+            reason = _stop_reason(prediction.score, mask, previous, stop_iou, min_area_ratio)
+            if reason:
                 break
             result[index] = mask
+            if scores is not None:
+                scores[index] = prediction.score
+            reached, reason = index, "end of the range"
             previous, previous_logits = mask, prediction.low_res_logits
+        if report is not None:
+            report[side] = {"reached": int(reached), "stop": reason}
     if progress:
         progress(total, total)
     return result

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from .click_search import predict_object
 from .predictor import CancelCheck, ProgressCallback, VolumePredictor
 from .prompts import SlicePrompt
 from .propagate import DEFAULT_MIN_AREA_RATIO, DEFAULT_STOP_IOU, propagate_mask
 
 
 def predict_prompt(predictor: VolumePredictor, prompt: SlicePrompt) -> np.ndarray:
-    """One object's (H, W) mask on its slice; a single click asks SAM for three masks and keeps the best."""
-    single_click = prompt.box is None and prompt.points is not None and len(prompt.points) == 1
-    return predictor.predict(point_coords=prompt.points, point_labels=prompt.point_labels, box=prompt.box,
-                             multimask_output=single_click, slice_index=prompt.slice_index).mask
+    """One object's (H, W) mask on its slice (``click_search.predict_object``: window per prompt, clicks as boxes
+    for box-trained models)."""
+    return predict_object(predictor, prompt.slice_index, prompt.points, prompt.point_labels, prompt.box).mask
 
 
 def segment_prompts(predictor: VolumePredictor, prompts: list[SlicePrompt], propagate: bool = False, *,

@@ -1,0 +1,91 @@
+"""The automatic CT window, chosen per prompt from the intensities under it.
+
+One window per scan loses somewhere: a soft-tissue window (W 400 / L 40) is best for abdominal organs but
+flattens a lung lesion and the lungs themselves into black, and a wide window washes out the organs.
+Measured on ../shared/cases and the sample with box prompts (``napari-sam-ft bench cases``): a box that
+holds air (below -400 HU) is segmented best in a wide window (-1050..550 HU, about the 0.5-99.5 %
+percentiles of a chest CT), any other box in the soft-tissue window. The embedding cache is keyed by
+window, so each slice is encoded once per window it is used with.
+
+Only a predictor whose window is "auto" on a CT gets a window per prompt; an explicit ``--window`` and
+MRI keep the predictor's one window.
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+
+import numpy as np
+
+from ..io.windowing import CT_WINDOW_PRESETS, Window, looks_like_ct
+from .predictor import VolumePredictor
+
+AIR_HU = -400.0  # below this a pixel is air or lung
+AIR_FRACTION = 0.02  # a box with more air than this is segmented in the wide window
+WIDE_CT_WINDOW = Window(-1050.0, 550.0, "wide")
+SOFT_TISSUE_LEVEL, SOFT_TISSUE_WIDTH = CT_WINDOW_PRESETS["soft_tissue"]
+SOFT_TISSUE_WINDOW = Window(SOFT_TISSUE_LEVEL - SOFT_TISSUE_WIDTH / 2, SOFT_TISSUE_LEVEL + SOFT_TISSUE_WIDTH / 2,
+                            "soft_tissue")
+_IS_CT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # Volume -> looks like CT (read once per volume)
+
+
+def chooses_window_per_prompt(predictor: VolumePredictor) -> bool:
+    """True for a single-channel CT whose window was left on "auto", with no adapter (an adapter keeps the
+    window it was trained in)."""
+    if not getattr(predictor, "window_is_automatic", False) or predictor.model.adapter_id != "none":
+        return False
+    volume = predictor.volume
+    if volume not in _IS_CT:
+        _IS_CT[volume] = bool(volume.num_channels == 1 and looks_like_ct(volume.array))
+    return _IS_CT[volume]
+
+
+def window_for_box(raw_slice: np.ndarray, box_xyxy) -> Window:
+    """The CT window for a box on a (H, W) slice of Hounsfield units: wide if it holds air, else soft tissue."""
+    height, width = raw_slice.shape[:2]
+    x0, y0, x1, y1 = (float(value) for value in box_xyxy)
+    rows = slice(int(np.clip(np.floor(y0), 0, height - 1)), int(np.clip(np.ceil(y1), 1, height)))
+    cols = slice(int(np.clip(np.floor(x0), 0, width - 1)), int(np.clip(np.ceil(x1), 1, width)))
+    under = np.asarray(raw_slice[rows, cols], dtype=np.float32)
+    if under.size and float((under < AIR_HU).mean()) > AIR_FRACTION:
+        return WIDE_CT_WINDOW
+    return SOFT_TISSUE_WINDOW
+
+
+def with_window(predictor: VolumePredictor, window: Window) -> VolumePredictor:
+    """A predictor for the same model, volume and cache with another window (made once, then reused)."""
+    if window.key == predictor.window.key:
+        return predictor
+    siblings = predictor.__dict__.setdefault("_window_siblings", {})
+    sibling = siblings.get(window.key)
+    if sibling is None:
+        sibling = copy.copy(predictor)  # shares model, cache, volume hash and the fast decoder's weights
+        sibling.window = window
+        sibling._window_siblings = siblings
+        sibling._current_slice = None
+        siblings[window.key] = sibling
+        siblings.setdefault(predictor.window.key, predictor)
+    return sibling
+
+
+def predictor_for_box(predictor: VolumePredictor, slice_index: int, box_xyxy) -> VolumePredictor:
+    """The predictor to segment ``box_xyxy`` on ``slice_index`` with: its window chosen from under the box."""
+    used = predictor.__dict__.setdefault("_windows_used", set())  # before any sibling copies the dict: shared
+    if box_xyxy is None or not chooses_window_per_prompt(predictor):
+        chosen = predictor
+    else:
+        chosen = with_window(predictor, window_for_box(predictor.volume.array[slice_index], box_xyxy))
+    used.add(chosen.window.name)
+    return chosen
+
+
+def windows_used(predictor: VolumePredictor) -> list[str]:
+    """The names of the windows prompts were segmented with so far (for evaluate's report and the status line)."""
+    return sorted(getattr(predictor, "_windows_used", None) or {predictor.window.name})
+
+
+def encoder_passes(predictor: VolumePredictor) -> int:
+    """Image-encoder passes of this predictor and the per-window siblings it made."""
+    siblings = getattr(predictor, "_window_siblings", None) or {predictor.window.key: predictor}
+    return sum(sibling.encoder_calls for sibling in siblings.values())
