@@ -247,3 +247,41 @@ def test_cli_evaluate_an_nrrd_image_against_its_seg_nrrd_names_the_segments(caps
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(report["per_class"]) == {"right lung", "left lung"}
     assert min(entry["dice"] for entry in report["per_class"].values()) > 0.6  # a mirrored lung would score ~0
+
+
+def test_cli_segment_over_a_dicom_series_writes_a_dicom_seg_that_overlays_like_the_nifti_mask(tmp_path, capsys):
+    from dicom_series import ct_crop, write_ct_series
+
+    from napari_sam_ft.cli import main
+
+    hounsfield, affine, organs = ct_crop(size=(64, 64, 6))
+    write_ct_series(tmp_path / "series", hounsfield, affine)
+    image = read_volume(tmp_path / "series")
+    reference = read_labels(_nifti_labels(tmp_path / "organs.nii.gz", organs, affine), like=image)
+    class_id = int(np.bincount(reference.array[3].ravel())[1:].argmax()) + 1  # the largest organ on slice 3
+    prompts = _box_prompt_file(tmp_path / "prompts.json", reference.array, 3, class_id)
+    for output in ("mask.nii.gz", "mask.dcm"):
+        assert main(["segment", str(tmp_path / "series"), "--prompts", str(prompts), "-o",
+                     str(tmp_path / output)]) == 0
+    nifti_mask = read_labels(tmp_path / "mask.nii.gz", like=image)
+    dicom_seg = read_labels(tmp_path / "mask.dcm", like=image)
+    assert int(nifti_mask.array.sum()) > 0
+    np.testing.assert_array_equal(dicom_seg.array > 0, nifti_mask.array > 0)
+    # SimpleITK's reading of the DICOM series puts the NIfTI mask on the same organ voxels as our display does.
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(tmp_path / "series")))
+    series = reader.Execute()
+    mask = sitk.ReadImage(str(tmp_path / "mask.nii.gz"))
+    organ_world = {tuple(np.round(mask.TransformIndexToPhysicalPoint(tuple(int(v) for v in index[::-1])), 2))
+                   for index in np.argwhere(sitk.GetArrayFromImage(mask) > 0)}
+    on_series = [series.TransformPhysicalPointToIndex(point) for point in organ_world]
+    organ_ijk = organs == class_id
+    precision_in_simpleitk = np.mean([organ_ijk[index] for index in on_series])
+    precision_displayed = np.mean(reference.array[nifti_mask.array > 0] == class_id)
+    assert precision_displayed > 0.1 and precision_in_simpleitk == pytest.approx(precision_displayed)
+    capsys.readouterr()
+
+
+def _nifti_labels(path: Path, labels_ijk: np.ndarray, affine: np.ndarray) -> Path:
+    nib.save(nib.Nifti1Image(np.asarray(labels_ijk, np.uint8), affine), str(path))
+    return path
