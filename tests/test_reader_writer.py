@@ -57,9 +57,11 @@ def test_ct_opens_as_an_image_with_scale_translate_and_geometry():
     assert meta["scale"] == (3.0, 3.0, 3.0)
     affine = nib.load(str(ct_path)).affine
     # Z is the file's third voxel axis; the RAS file is shown radiologically (anterior up, patient right on
-    # the left), so the displayed first voxel is the file's last along I and J.
+    # the left), so the displayed first voxel is the file's last along I and J, and napari's world axes are
+    # (S, P, L): the patient axes growing with the displayed index.
     first_voxel = affine @ np.array([121, 100, 0, 1.0])
-    assert meta["translate"] == pytest.approx((first_voxel[2], first_voxel[1], first_voxel[0]))
+    assert meta["translate"] == pytest.approx((first_voxel[2], -first_voxel[1], -first_voxel[0]))
+    np.testing.assert_array_equal(data[0, 0, :3], np.asanyarray(nib.load(str(ct_path)).dataobj)[121:118:-1, 100, 0])
     geometry = meta["metadata"][GEOMETRY_KEY]
     np.testing.assert_array_equal(geometry["affine"], affine)
     assert geometry["file_axes"] == (2, 1, 0)

@@ -361,6 +361,8 @@ class SessionPanel(QWidget):
         data, metadata, scale, translate = image.data, dict(image.metadata), image.scale, image.translate
         labels_data = None if labels is None else labels.data
         choices = {key: value for key, value in (metadata.get(CHOICES_KEY) or {}).items() if key in CHOICE_FIELDS}
+        if layer_channel(image) is not None:  # one channel of a 4D file: what this layer shows and segments
+            choices["channels"] = [layer_channel(image)]
         reviewed = sorted(self.reviewed_slices)
         prompts = self._prompts(int(data.shape[0]))
 
@@ -393,13 +395,16 @@ class SessionPanel(QWidget):
 
     def _show_session(self, opened: OpenedSession) -> tuple[Image, Labels | None]:
         state, volume = opened.state, opened.volume
+        # A session on several channels opens one 3D layer per channel (the Segment widget takes 3D layers).
+        first_channel = state.channels[0] if state.channels else None
         image = next((layer for layer in self._viewer.layers if isinstance(layer, Image)
                       and image_source_path(layer) is not None
                       and image_source_path(layer).resolve() == Path(state.image_path).resolve()
-                      and tuple(layer.data.shape) == tuple(volume.array.shape)), None)
+                      and tuple(layer.data.shape) == tuple(volume.shape) and layer_channel(layer) == first_channel),
+                     None)
         if image is None:
-            data, kwargs, _ = image_layer_data(volume)
-            image = self._viewer.add_image(data, **kwargs)
+            image = [self._viewer.add_image(data, **kwargs) for data, kwargs, _ in
+                     scan_layers_data(volume, state.channels)][0]
         image.metadata[CHOICES_KEY] = {key: getattr(state, key) for key in CHOICE_FIELDS}
         labels = None
         if opened.labels is not None:

@@ -102,12 +102,22 @@ class Volume:
         return to_file_order(array_zyx, self.file_axes, self.flips)
 
     def napari_scale_translate(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """Scale and translate for napari layers, so that layers of one scan overlay in world units."""
+        """Scale and translate for napari layers, so that scans of one patient space overlay in napari, whatever
+        their extent or voxel order.
+
+        napari's world axis d is the patient (RAS) axis nearest displayed axis d, signed to grow with the displayed
+        index (-R for a column running right to left), and the translate is the first voxel's coordinate on it.
+        Taking the first voxel's RAS coordinate unsigned would shift a scan of another extent by twice the
+        difference of origins along every flipped axis. An oblique scan gets its nearest patient axes.
+        """
         scale = tuple(float(s) for s in self.spacing)
-        # World position of the displayed array's first voxel, along each displayed axis.
-        first_voxel = self.world_affine[:, 3]
-        translate = tuple(float(first_voxel[axis]) for axis in self.file_axes)
-        return scale, translate
+        world = self.world_affine
+        translate = []
+        for display_axis in range(3):
+            direction = world[:3, display_axis]
+            patient_axis = int(np.argmax(np.abs(direction)))
+            translate.append(float(np.sign(direction[patient_axis]) * world[patient_axis, 3]))
+        return scale, tuple(translate)
 
     def with_array(self, array_zyx: np.ndarray) -> "Volume":
         """A volume with the same geometry and another array of the same (Z, Y, X) shape."""

@@ -245,3 +245,19 @@ def test_nifti_labels_on_a_crop_of_an_nrrd_scan_open_on_the_scan(make_napari_vie
     for label, (k, j, i) in enumerate(voxels, start=1):
         [displayed] = np.argwhere(np.asarray(labels.data) == label)
         assert image.data[tuple(displayed)] == scan_voxels[k, j, i]
+
+
+def test_two_scans_of_one_patient_space_overlay_in_napari_whatever_their_extent(make_napari_viewer, tmp_path):
+    """A crop of the MR (made with nibabel: file voxel (i, j, k) is the MR's (i + 10, j + 20, k + 3)) lies on the
+    MR in napari's world, along the flipped axes too."""
+    mr_path, _ = sample_paths("mr")
+    mr = nib.load(str(mr_path))
+    affine = mr.affine.copy()
+    affine[:3, 3] = (mr.affine @ np.array([10, 20, 3, 1.0]))[:3]
+    nib.save(nib.Nifti1Image(np.asanyarray(mr.dataobj)[10:70, 20:75, 3:15], affine), str(tmp_path / "crop.nii.gz"))
+    viewer = make_napari_viewer()
+    [full] = viewer.open(str(mr_path), plugin=PLUGIN)
+    [crop] = viewer.open(str(tmp_path / "crop.nii.gz"), plugin=PLUGIN)
+    for voxel in distinctive_voxels(np.asarray(crop.data), 4):
+        on_full = np.rint(full.world_to_data(crop.data_to_world(voxel))).astype(int)
+        assert full.data[tuple(on_full)] == crop.data[voxel], (voxel, on_full)

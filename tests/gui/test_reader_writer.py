@@ -21,9 +21,10 @@ def test_open_keeps_the_affine_as_scale_and_translate(make_napari_viewer):
     affine = nib.load(str(ct_path)).affine
     assert image._type_string == "image" and labels._type_string == "labels"
     np.testing.assert_allclose(image.scale, (3.0, 3.0, 3.0))
-    # The RAS file is shown radiologically: the displayed first voxel is the file's last along I and J.
+    # The RAS file is shown radiologically: the displayed first voxel is the file's last along I and J, and
+    # napari's world axes are the patient's (S, P, L), growing with the displayed index.
     first_voxel = affine @ np.array([image.data.shape[2] - 1, image.data.shape[1] - 1, 0, 1.0])
-    np.testing.assert_allclose(image.translate, (first_voxel[2], first_voxel[1], first_voxel[0]))
+    np.testing.assert_allclose(image.translate, (first_voxel[2], -first_voxel[1], -first_voxel[0]))
     np.testing.assert_allclose(labels.translate, image.translate)
     np.testing.assert_array_equal(image.metadata[GEOMETRY_KEY]["affine"], affine)
 
@@ -130,7 +131,7 @@ def test_a_long_4d_file_opens_its_first_volume_and_offers_the_others(make_napari
 
 
 def test_a_session_on_two_channels_reopens_as_3d_layers_the_segment_widget_takes(make_napari_viewer, tmp_path,
-                                                                                 monkeypatch):
+                                                                                 monkeypatch, qtbot):
     from napari.layers import Image
 
     from napari_sam_ft._widgets._layers import LayerVolume
@@ -148,12 +149,16 @@ def test_a_session_on_two_channels_reopens_as_3d_layers_the_segment_widget_takes
                            like=volume)
     viewer = make_napari_viewer()
     panel = SessionPanel(viewer)
-    image, labels = panel.open(session)
+    assert panel.open(session) is not None
+    qtbot.waitUntil(lambda: panel.idle, timeout=30000)
+    image, labels = panel.last_opened
     images = [layer for layer in viewer.layers if isinstance(layer, Image)]
     assert [layer.name for layer in images] == ["multi [channel 0]", "multi [channel 2]"]
     assert all(layer.data.ndim == 3 for layer in images) and image is images[0]
     assert LayerVolume().get(image).shape == volume.shape  # the Segment widget's view of its image layer
     np.testing.assert_array_equal(labels.data, mask)
     np.testing.assert_allclose(labels.translate, image.translate)
-    again = panel.save(tmp_path / "again.session.json")  # saved from one channel's layer: reopens that channel
-    assert read_session_file(again).channels == [0]
+    panel.image_combo.select_layer(image)
+    assert panel.save(tmp_path / "again.session.json") is not None  # from one channel's layer: reopens that one
+    qtbot.waitUntil(lambda: panel.idle, timeout=30000)
+    assert read_session_file(panel.last_saved).channels == [0]
