@@ -285,3 +285,21 @@ def test_cli_segment_over_a_dicom_series_writes_a_dicom_seg_that_overlays_like_t
 def _nifti_labels(path: Path, labels_ijk: np.ndarray, affine: np.ndarray) -> Path:
     nib.save(nib.Nifti1Image(np.asarray(labels_ijk, np.uint8), affine), str(path))
     return path
+
+
+def test_a_detached_nhdr_reads_like_simpleitk_and_detached_outputs_are_refused(tmp_path):
+    data = np.random.default_rng(3).integers(0, 900, (10, 11, 7)).astype(np.int16)
+    header_path = tmp_path / "scan.nhdr"
+    nrrd.write(str(header_path), data, {"space": "left-posterior-superior", "kinds": ["domain"] * 3,
+                                        "space directions": np.diag([-0.9, 0.9, 2.0]),
+                                        "space origin": np.array([1.0, 2.0, 3.0])},
+               detached_header=True, index_order="F")
+    assert len(list(tmp_path.iterdir())) == 2  # the header and its data file
+    volume = read_volume(header_path)
+    reference = sitk.ReadImage(str(header_path))
+    voxel = (3, 4, 5)
+    index = reference.TransformPhysicalPointToIndex(_lps(volume.world_affine @ (*voxel, 1.0)))
+    assert sitk.GetArrayFromImage(reference)[index[::-1]] == volume.array[voxel]
+    for suffix, single in ((".nhdr", ".nrrd"), (".mhd", ".mha")):
+        with pytest.raises(VolumeError, match=f"write {single} \\(one file\\)"):
+            write_volume(tmp_path / f"mask{suffix}", np.zeros(volume.shape, np.uint8), like=volume)

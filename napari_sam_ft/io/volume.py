@@ -28,6 +28,8 @@ from .nrrd import NRRD_SUFFIXES, SEG_NRRD_SUFFIXES, read_nrrd, read_seg_nrrd, wr
 from .tiff_npy import NPY_SUFFIXES, TIFF_SUFFIXES, read_npy, read_tiff, write_npy, write_tiff
 
 DICOM_SUFFIXES = (".dcm",)
+# Headers whose voxels live in a second file: read, but written as their single-file form.
+DETACHED_SUFFIXES = {".nhdr": ".nrrd", ".mhd": ".mha"}
 
 
 @dataclass(frozen=True, eq=False)
@@ -504,6 +506,11 @@ def write_volume(path: str | os.PathLike, array_zyx: np.ndarray, like: Volume | 
     """
     path = Path(path)
     file_format = file_format_of(path)
+    detached = next((suffix for suffix in DETACHED_SUFFIXES if path.name.lower().endswith(suffix)), None)
+    if detached:
+        # A header beside a separate data file cannot be replaced atomically as one file (nor renamed safely).
+        raise VolumeError(f"{path}: cannot write a detached header and data file; write "
+                          f"{DETACHED_SUFFIXES[detached]} (one file) instead")
     array_zyx = np.asarray(array_zyx)
     like = like or Volume(array_zyx)
     if tuple(array_zyx.shape[:3]) != like.shape:
