@@ -15,7 +15,11 @@ BENCHMARKS = {
     "finetune": ("finetune_bench.py", "few-shot adapting on ../shared/cases: zero-shot vs lora/decoder in none and "
                  "box modes; held-out Dice, steps, seconds, adapter MB (--with-load: beside a CPU-bound process)"),
     "large": ("large_volume.py", "a generated 512x512x600 CT: peak RSS, time to first mask, auto-segment time"),
-    "gui": ("gui_latency.py", "click-to-preview latency and UI responsiveness in a real viewer (needs a display)"),
+    "cases": ("cases_bench.py", "real cases: Dice per prompt mode (box, click, click + box, propagate, automatic), "
+              "CT windows, naive loop; --latency: click and encoder latency on lung1"),
+    "gui": ("gui_latency.py", "click-to-preview latency, and the longest event-loop gap while encoding, autosaving "
+            "and saving a session on a 300x512x512 scan, in a real viewer (needs a display)"),
+    "batch": ("batch_bench.py", "scans per hour of batch evaluate with 1 and 2 local dask workers, and their ratio"),
 }
 
 
