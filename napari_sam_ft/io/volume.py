@@ -83,6 +83,8 @@ class Volume:
     def name(self) -> str:
         if self.source_path is None:
             return "volume"
+        if self.file_format == "dicom" and self.source_path.is_dir():
+            return self.source_path.name  # a series folder: its name may hold dots (UIDs), not a suffix
         return strip_suffix(self.source_path.name)
 
     @property
