@@ -13,18 +13,11 @@ from dataclasses import dataclass
 from ..devices import select_device
 from ..engine.cache import EmbeddingCache, default_cache_dir
 from ..engine.predictor import VolumePredictor
+from ..finetune.adapters import AdapterError, load_adapter, unload_adapter
 from ..models.registry import LoadedModel, load_model
 from ..volume import Volume
 
 NO_ADAPTER = "none"
-
-
-class AdapterError(RuntimeError):
-    """An adapter that cannot be used; the widget falls back to the base model."""
-
-
-class AdapterUnavailable(AdapterError):
-    """LoRA adapters need the fine-tuning part of napari-sam-ft, which could not be imported."""
 
 
 @dataclass(frozen=True)
@@ -40,16 +33,6 @@ class SessionChoices:
     @property
     def model_key(self) -> tuple[str, str, str]:
         return self.model_name, self.checkpoint, self.device
-
-
-def adapter_functions():
-    """``(load_adapter, unload_adapter)``; import this in the GUI thread first (peft pulls in torch extensions)."""
-    try:
-        from ..finetune.adapters import load_adapter, unload_adapter
-    except ImportError as error:
-        raise AdapterUnavailable(f"LoRA adapters are not available in this installation ({error}); "
-                                 "segmenting with the base model") from error
-    return load_adapter, unload_adapter
 
 
 class SegmentSession:
@@ -80,7 +63,7 @@ class SegmentSession:
         """Load the model (if its name, checkpoint or device changed), apply the adapter, make the predictor.
 
         Slow (seconds): call it from a worker. Raises ``CheckpointError``, ``RuntimeError`` (device) or
-        ``AdapterUnavailable`` with a message for the user.
+        ``AdapterError`` with a message for the user.
         """
         with self._lock:
             if self._built == choices and self._predictor is not None and self._predictor.volume is volume:
@@ -102,7 +85,6 @@ class SegmentSession:
             return predictor
 
     def _apply_adapter(self, adapter_dir: str) -> None:
-        load_adapter, unload_adapter = adapter_functions()
         if self._applied_adapter != NO_ADAPTER:
             unload_adapter(self._model)
             self._applied_adapter = NO_ADAPTER

@@ -14,7 +14,8 @@ from ..engine.predictor import VolumePredictor
 from ..engine.propagate import propagate_mask
 from ..volume import Volume
 from ._controls import SegmentControls
-from ._session import NO_ADAPTER, AdapterError, SegmentSession, SessionChoices
+from ..finetune.adapters import AdapterError
+from ._session import NO_ADAPTER, SegmentSession, SessionChoices
 from ._workers import BackgroundTask, TaskOutcome, describe_error
 
 # compute(predictor, progress, should_cancel) -> value, run in the worker after the predictor is built

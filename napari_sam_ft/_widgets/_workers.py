@@ -35,10 +35,17 @@ class TaskOutcome:
         return not self.cancelled and self.error is None
 
 
-class _ProgressRelay(QObject):
-    """Carries ``progress(done, total)`` from the worker thread to the GUI thread (a queued signal)."""
+class ProgressRelay(QObject):
+    """Carries progress reports from a worker thread to the GUI thread (a queued signal).
 
-    progressed = Signal(int, int)
+    ``report(done, total, details=None)`` is the plain callback the engine and the training loop call;
+    ``details`` is whatever the caller adds (the training metrics), None for the engine.
+    """
+
+    progressed = Signal(int, int, object)
+
+    def report(self, done: int, total: int, details=None) -> None:
+        self.progressed.emit(int(done), int(total), details)
 
 
 class BackgroundTask:
@@ -52,16 +59,16 @@ class BackgroundTask:
                  on_done: Callable[[TaskOutcome], None], on_progress: Callable[[int, int], None] | None = None):
         self.name = name
         self._cancel_requested = threading.Event()
-        self._relay = _ProgressRelay()
+        self._relay = ProgressRelay()
         if on_progress is not None:
-            self._relay.progressed.connect(on_progress)
+            self._relay.progressed.connect(lambda done, total, _details: on_progress(done, total))
         self._on_done = on_done
         self.finished = False
 
         def run() -> TaskOutcome:
             started = time.perf_counter()
             try:
-                value = work(self._relay.progressed.emit, self._cancel_requested.is_set)
+                value = work(self._relay.report, self._cancel_requested.is_set)
                 outcome = TaskOutcome(name, value=value)
             except Cancelled:
                 outcome = TaskOutcome(name, cancelled=True)

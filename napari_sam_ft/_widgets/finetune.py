@@ -16,7 +16,7 @@ from pathlib import Path
 from napari.layers import Image, Labels
 from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import QObject, Qt, Signal
+from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QLabel, QLineEdit, QListWidget,
                             QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget)
 
@@ -27,6 +27,7 @@ from ..finetune.train import PROMPT_MODES, TrainingResult, TrainSettings, train_
 from ..models.registry import DEFAULT_MODEL, MODELS
 from ._controls import widget_row
 from ._layer_combo import LayerComboBox
+from ._workers import ProgressRelay
 from .finetune_corrections import CorrectionTracker
 from .finetune_plot import TrainingPlot
 
@@ -53,12 +54,6 @@ def find_segment_panel(viewer, exclude=None):
     return None
 
 
-class _ProgressRelay(QObject):
-    """Carries ``progress(step, total, metrics)`` from the training thread to the GUI thread."""
-
-    progressed = Signal(int, int, object)
-
-
 class FinetuneWidget(QWidget):
     """Dock widget: image/labels pairs, slices, scope, prompt mode, budget, output folder; Train / Cancel.
 
@@ -77,7 +72,7 @@ class FinetuneWidget(QWidget):
         self.running = False
         self._cancel = threading.Event()
         self._worker = None
-        self._relay = _ProgressRelay()
+        self._relay = ProgressRelay()
         self._relay.progressed.connect(self._on_progress)
         # id(labels layer) -> (training slices, validation slices) of the last run
         self._last_split: dict[int, tuple[list[int], list[int]]] = {}
@@ -287,7 +282,7 @@ class FinetuneWidget(QWidget):
                 self._loaded_models[(chosen, checkpoint)] = model
             if chosen is None:
                 self._model = model
-            return train_adapter(model, data, output, settings, progress=self._relay.progressed.emit,
+            return train_adapter(model, data, output, settings, progress=self._relay.report,
                                  should_cancel=self._cancel.is_set)
 
         self._worker = thread_worker(work, start_thread=False)()

@@ -23,7 +23,8 @@ from ._layers import (NEGATIVE, POSITIVE, PREVIEW_VALUE, LayerVolume, commit_mas
                       key_masks_for_propagation, make_boxes_layer, make_points_layer, make_preview_layer,
                       new_labels_layer, slice_prompts)
 from .session_panel import CHOICES_KEY
-from ._session import NO_ADAPTER, AdapterError, SegmentSession, SessionChoices, adapter_functions
+from ..finetune.adapters import AdapterError
+from ._session import NO_ADAPTER, SegmentSession, SessionChoices
 from ._tasks import TaskRunner, automatic_segmentation, propagation, report_error
 from ._workers import BackgroundTask, TaskOutcome, torch_threads
 
@@ -107,11 +108,8 @@ class SegmentWidget(QWidget):
 
     def _adapter_changed(self, adapter_dir: str) -> None:
         if adapter_dir != NO_ADAPTER:
-            try:
-                adapter_functions()  # fails here, at once, when fine-tuning support is missing
-                if not Path(adapter_dir).is_dir():
-                    raise AdapterError(f"{adapter_dir} is not a folder; choose the folder an adapter was saved in")
-            except AdapterError as error:
+            if not Path(adapter_dir).is_dir():
+                error = AdapterError(f"{adapter_dir} is not a folder; choose the folder an adapter was saved in")
                 report_error(self.controls, "loading the adapter", error)
                 return
         # Work started with the previous adapter is cancelled (the engine would also stop it at its next batch);
