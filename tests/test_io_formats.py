@@ -303,3 +303,19 @@ def test_a_detached_nhdr_reads_like_simpleitk_and_detached_outputs_are_refused(t
     for suffix, single in ((".nhdr", ".nrrd"), (".mhd", ".mha")):
         with pytest.raises(VolumeError, match=f"write {single} \\(one file\\)"):
             write_volume(tmp_path / f"mask{suffix}", np.zeros(volume.shape, np.uint8), like=volume)
+
+
+def test_nrrd_labels_reordered_by_simpleitk_align_to_a_nifti_image(tmp_path):
+    image_copy = tmp_path / "brain2.nii.gz"
+    sitk.WriteImage(sitk.ReadImage(str(case_path("pyradiomics_brain2_mr.nrrd"))), str(image_copy))
+    image = read_volume(image_copy)
+    labels_source = sitk.ReadImage(str(case_path("pyradiomics_brain2_label.nrrd")))
+    # SimpleITK moves the voxels and keeps every voxel's physical point: another voxel order, one world.
+    reordered = sitk.Flip(sitk.PermuteAxes(labels_source, [2, 0, 1]), [True, False, True])
+    reordered_path = tmp_path / "label_kij.nrrd"
+    sitk.WriteImage(reordered, str(reordered_path))
+    assert nrrd.read_header(str(reordered_path))["sizes"].tolist() == [23, 256, 256]
+    aligned = read_labels(reordered_path, like=image)
+    np.testing.assert_array_equal(aligned.array, read_labels(case_path("pyradiomics_brain2_label.nrrd"),
+                                                             like=image).array)
+    assert int(aligned.array.sum()) > 0
