@@ -415,8 +415,7 @@ def _pixel_data(ordered, where: str) -> np.ndarray:
     if int(first.get("SamplesPerPixel", 1) or 1) != 1:
         raise VolumeError(f"{where}: has {first.SamplesPerPixel} samples per pixel (colour images); "
                           "expected a greyscale scan")
-    dtype = _output_dtype(ordered)
-    volume = np.empty((len(ordered), rows, columns), dtype)
+    volume = np.empty((len(ordered), rows, columns), _output_dtype(ordered))
     for index, (path, _) in enumerate(ordered):
         try:
             dataset = pydicom.dcmread(str(path))
@@ -427,11 +426,11 @@ def _pixel_data(ordered, where: str) -> np.ndarray:
             raise VolumeError(f"{where}: {path} decodes to {pixels.shape} pixels, not the {rows}x{columns} its "
                               "header declares")
         slope, intercept = _rescale(dataset)
-        if (slope, intercept) == (1.0, 0.0):
-            volume[index] = pixels
-        else:
-            volume[index] = pixels.astype(np.float64 if dtype.kind == "f" else np.int64) * slope + intercept
-    if dtype == np.int32 and volume.size and np.iinfo(np.int16).min <= volume.min() <= volume.max() <= np.iinfo(np.int16).max:
+        # pydicom masks the pixels to BitsStored, so the type chosen from the declared range holds them.
+        volume[index] = pixels if (slope, intercept) == (1.0, 0.0) else (
+            pixels.astype(np.float64 if volume.dtype.kind == "f" else np.int64) * slope + intercept)
+    if volume.dtype == np.int32 and volume.size and \
+            np.iinfo(np.int16).min <= volume.min() <= volume.max() <= np.iinfo(np.int16).max:
         volume = volume.astype(np.int16)  # 16 stored bits could exceed int16 after the intercept; these values do not
     return volume.transpose(2, 1, 0)
 
