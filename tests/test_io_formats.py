@@ -319,3 +319,24 @@ def test_nrrd_labels_reordered_by_simpleitk_align_to_a_nifti_image(tmp_path):
     np.testing.assert_array_equal(aligned.array, read_labels(case_path("pyradiomics_brain2_label.nrrd"),
                                                              like=image).array)
     assert int(aligned.array.sum()) > 0
+
+
+def test_a_slicer_segmentation_stored_on_its_extent_lands_on_the_full_image_grid(tmp_path):
+    """Slicer may store a .seg.nrrd cropped to its segments (another origin and size); it still overlays."""
+    image = read_volume(case_path("slicer_ctchest.nrrd"))
+    full = slicerio.read_segmentation(str(case_path("slicer_ctchest.seg.nrrd")))
+    start = np.array([20, 30, 5])
+    cropped = dict(full)
+    cropped["voxels"] = full["voxels"][20:100, 30:90, 5:30].copy()
+    cropped["ijkToLPS"] = np.array(full["ijkToLPS"], dtype=float)
+    cropped["ijkToLPS"][:3, 3] = (cropped["ijkToLPS"] @ (*start, 1.0))[:3]
+    cropped["referenceImageExtentOffset"] = [int(value) for value in start]
+    cropped["segments"] = [{key: value for key, value in segment.items() if key != "extent"}
+                           for segment in full["segments"]]
+    path = tmp_path / "cropped.seg.nrrd"
+    slicerio.write_segmentation(str(path), cropped)
+    labels = read_labels(path, like=image)
+    expected = np.zeros(image.file_shape, np.uint16)
+    expected[20:100, 30:90, 5:30] = full["voxels"][20:100, 30:90, 5:30]
+    np.testing.assert_array_equal(image.to_file_order(labels.array), expected)
+    assert labels.class_names[6] == "left lung"
