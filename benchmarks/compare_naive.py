@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from napari_sam_ft.engine.cache import EmbeddingCache
     from napari_sam_ft.engine.predictor import VolumePredictor
-    from napari_sam_ft.evaluate import parse_slice_range, segment_with_reference_prompts
+    from napari_sam_ft.evaluate import segment_with_reference_prompts
+    from napari_sam_ft.slices import parse_slice_range
     from napari_sam_ft.metrics import dice
     from napari_sam_ft.models.registry import load_model
     from napari_sam_ft.sample import load_sample

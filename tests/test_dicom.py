@@ -178,3 +178,53 @@ def test_a_folder_without_dicom_files_and_a_multiframe_image_are_refused(crop, t
     with pytest.raises(VolumeError, match="multi-frame"):
         read_dicom(tmp_path / "multi")
     shutil.rmtree(tmp_path / "multi")
+
+
+def write_series_with_simpleitk(image, folder, seed: int = 0) -> str:
+    """Write a 3D SimpleITK image as a CT series with SimpleITK/GDCM itself (another writer than pydicom);
+    random file names. Returns the series UID."""
+    import uuid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    direction = image.GetDirection()
+    series_uid, study_uid = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    tags = [("0008|0060", "CT"), ("0020|000e", series_uid), ("0020|000d", study_uid), ("0008|103e", "sitk"),
+            ("0020|0037", "\\".join(f"{value:.8f}" for value in (direction[0], direction[3], direction[6],
+                                                                  direction[1], direction[4], direction[7])))]
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(image.GetDepth()):
+        plane = image[:, :, k]
+        for tag, value in tags:
+            plane.SetMetaData(tag, value)
+        plane.SetMetaData("0020|0032", "\\".join(f"{value:.6f}" for value in image.TransformIndexToPhysicalPoint((0, 0, k))))
+        plane.SetMetaData("0020|0013", str(int(rng.integers(1, 1000))))
+        plane.SetMetaData("0008|0018", pydicom.uid.generate_uid())
+        writer.SetFileName(str(folder / f"{uuid.UUID(bytes=rng.bytes(16)).hex}.dcm"))
+        writer.Execute(plane)
+    return series_uid
+
+
+@pytest.mark.parametrize("case", ["pyradiomics_lung1_ct.nrrd", "pyradiomics_brain2_mr.nrrd"])
+def test_a_series_written_by_simpleitk_from_a_real_nrrd_has_the_nrrds_values_at_the_same_world_points(case,
+                                                                                                      tmp_path):
+    from pathlib import Path
+
+    source = Path(__file__).resolve().parents[1].parent / "shared" / "cases" / case
+    assert source.exists(), f"{source} is missing: the real cases live in ../shared/cases beside the repository"
+    image = sitk.ReadImage(str(source))
+    size = image.GetSize()
+    start = [(size[0] - 48) // 2, (size[1] - 40) // 2, max(0, size[2] // 2 - 3)]
+    crop = sitk.RegionOfInterest(image, [48, 40, 6], start)
+    series_uid = write_series_with_simpleitk(crop, tmp_path)
+    data, affine, source_info = read_dicom(tmp_path)
+    assert source_info.series_uid == series_uid and data.shape == (48, 40, 6)
+    assert_matches_simpleitk(tmp_path, series_uid, data, affine)
+    # Every voxel we read lies at the world point of the same value in the NRRD crop (world-to-index by SimpleITK).
+    indices = np.stack(np.meshgrid(*[np.arange(n) for n in data.shape], indexing="ij"), axis=-1).reshape(-1, 3)
+    world_lps = (affine @ np.c_[indices, np.ones(len(indices))].T).T[:, :3] * [-1, -1, 1]
+    crop_values = sitk.GetArrayFromImage(crop)  # (k, j, i)
+    for index, point in zip(indices[::37], world_lps[::37]):
+        i, j, k = crop.TransformPhysicalPointToIndex(tuple(float(value) for value in point))
+        assert data[tuple(index)] == crop_values[k, j, i]
