@@ -79,3 +79,27 @@ def test_a_seg_of_another_series_a_wrong_shape_and_a_changed_source_folder_are_r
     replaced.save_as(other.files[0])
     with pytest.raises(VolumeError, match="source folder changed"):
         write_dicom_seg(tmp_path / "late.dcm", labels, None, source=other)
+
+
+def test_labels_shown_over_a_flipped_display_are_written_to_the_seg_on_the_source_pixels(series, tmp_path):
+    """The series of the module stores rows and columns toward the patient's right and anterior (the crop's NIfTI
+    order), so napari shows it flipped; a mask painted there must land on the same source pixels."""
+    import nibabel as nib
+
+    from napari_sam_ft.volume import read_labels, read_volume, write_volume
+
+    volume = read_volume(series["folder"])
+    assert any(volume.flips), "this series should be displayed flipped (radiological view)"
+    _, affine, _ = ct_crop()
+    labels_path = tmp_path / "labels.nii.gz"
+    nib.save(nib.Nifti1Image(series["labels"], affine), str(labels_path))
+    shown = read_labels(labels_path, like=volume).array  # aligned by world geometry onto the displayed grid
+    path = write_volume(tmp_path / "painted.dcm", shown, like=volume)
+    seg = pydicom.dcmread(path)
+    label_of = {int(item.SegmentNumber): int(item.TrackingID.split()[-1]) for item in seg.SegmentSequence}
+    slice_of = {uid: k for k, uid in enumerate(series["sop_uids"])}
+    for frame, item in zip(seg.pixel_array.reshape(-1, seg.Rows, seg.Columns), seg.PerFrameFunctionalGroupsSequence):
+        k = slice_of[item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID]
+        label_id = label_of[int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)]
+        assert np.array_equal(frame.astype(bool), series["labels"][:, :, k].T == label_id)  # nibabel's own voxels
+    assert np.array_equal(read_labels(path, like=volume).array, shown)
