@@ -17,21 +17,6 @@ from .metrics import score_labels, score_masks
 PROMPT_MODES = ("box", "point", "point_box", "propagate", "none")
 
 
-def parse_slice_range(text: str | None, num_slices: int) -> tuple[int, int]:
-    """``A:B`` (B exclusive, either side may be empty) -> (first, last) inclusive, checked against the volume."""
-    if not text:
-        return 0, num_slices - 1
-    try:
-        first_text, last_text = text.split(":")
-        first = int(first_text) if first_text.strip() else 0
-        stop = int(last_text) if last_text.strip() else num_slices
-    except ValueError:
-        raise ValueError(f"--slices must look like A:B (e.g. 5:20), got {text!r}") from None
-    if not 0 <= first < stop <= num_slices:
-        raise ValueError(f"--slices {text} is out of range: need 0 <= A < B <= {num_slices}")
-    return first, stop - 1
-
-
 def reference_prompt(reference_mask: np.ndarray, prompt_mode: str) -> tuple[np.ndarray | None, np.ndarray | None]:
     """The simulated user's prompt for one object on one slice: (click (1, 2) xy or None, box (4,) or None).
 

@@ -43,7 +43,8 @@ def evaluate_against(predictor: VolumePredictor, labels_path: str | Path, prompt
     ``slices`` is ``A:B`` (B exclusive; None: every slice). Classes are named by the label file (a Slicer
     .seg.nrrd), or for the bundled samples by their class table, or else by label id.
     """
-    from .evaluate import evaluate, parse_slice_range
+    from .evaluate import evaluate
+    from .slices import parse_slice_range
     from .sample import class_names_for
     from .volume import read_labels
 

@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 
 from napari_sam_ft.finetune.augment import AugmentSettings, augment_pair, jittered_box, sampled_points
-from napari_sam_ft.finetune.data import (FinetuneDataError, VolumeAnnotations, annotated_slices, build_training_data,
-                                         parse_slice_list)
+from napari_sam_ft.finetune.data import FinetuneDataError, VolumeAnnotations, annotated_slices, build_training_data
 from napari_sam_ft.sample import load_sample
 
 
@@ -19,17 +18,6 @@ def sparse_labels(ct, slices):
     labels = np.zeros_like(ct.labels.array)
     labels[slices] = ct.labels.array[slices]
     return labels
-
-
-def test_parse_slice_list_reads_indices_and_ranges():
-    assert parse_slice_list("62,70,78") == [62, 70, 78]
-    assert parse_slice_list("3:6, 10") == [3, 4, 5, 10]
-    assert parse_slice_list("0:10:4") == [0, 4, 8]
-    assert parse_slice_list("25:", num_slices=28) == [25, 26, 27]
-    with pytest.raises(FinetuneDataError, match="out of range"):
-        parse_slice_list("5,40", num_slices=30)
-    with pytest.raises(FinetuneDataError, match="cannot read"):
-        parse_slice_list("a-b")
 
 
 def test_only_annotated_slices_are_used_and_one_is_held_out(ct):

@@ -112,7 +112,7 @@ def test_session_commands_save_open_and_describe_files(scan, tmp_path, capsys):
     assert json.loads(out_prompts.read_text())[0]["box"] == [10.0, 20.0, 60.0, 70.0]
     assert main(["session", "save", str(tmp_path / "x.session.json"), "--image", str(image_path),
                  "--reviewed", "12,40"]) == 1
-    assert "slice 40 is out of range 0..29" in capsys.readouterr().err
+    assert "slice(s) [40] are out of range 0..29" in capsys.readouterr().err
     assert main(["session", "info", str(image_path)]) == 0
     assert "no autosaved labels" in capsys.readouterr().out
 

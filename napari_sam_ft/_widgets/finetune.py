@@ -21,10 +21,11 @@ from qtpy.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QLabel, QLineEd
                             QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget)
 
 from ..finetune.adapters import AdapterError, check_output_folder
-from ..finetune.data import FinetuneDataError, VolumeAnnotations, annotated_slices, build_training_data, parse_slice_list
+from ..finetune.data import FinetuneDataError, VolumeAnnotations, annotated_slices, build_training_data
 from ..finetune.scopes import SCOPES
 from ..finetune.train import PROMPT_MODES, TrainingResult, TrainSettings, train_adapter
 from ..models.registry import DEFAULT_MODEL, MODELS
+from ..slices import parse_slice_list
 from ._controls import widget_row
 from ._layer_combo import LayerComboBox
 from ._workers import ProgressRelay

@@ -149,7 +149,7 @@ def embedding_cache_dir(options: WorkerOptions, worker) -> Path | None:
 def run_job(scan: Scan, settings: CohortSettings, model: LoadedModel, cache_dir: Path | None):
     """(labels, volume, class names, row fields) of the cohort's job on ``scan``: the single-scan commands' steps."""
     from ..engine.cache import EmbeddingCache
-    from ..evaluate import parse_slice_range
+    from ..slices import parse_slice_range
     from ..scan_jobs import predictor_for
     from ..volume import read_volume
 

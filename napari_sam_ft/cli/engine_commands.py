@@ -140,7 +140,7 @@ def run_segment(args) -> int:
 
 def run_auto(args) -> int:
     from ..engine.automatic import segment_volume
-    from ..evaluate import parse_slice_range
+    from ..slices import parse_slice_range
     from ..volume import write_volume
 
     volume, predictor = open_predictor(args)
@@ -154,7 +154,7 @@ def run_auto(args) -> int:
 
 
 def run_evaluate(args) -> int:
-    from ..evaluate import parse_slice_range
+    from ..slices import parse_slice_range
     from ..scan_jobs import evaluate_against
     from ..volume import write_volume
 

@@ -81,7 +81,7 @@ def _parse_class_names(text: str | None) -> dict[int, str]:
 
 
 def _slice_lists(values: list[str] | None, volumes, what: str):
-    from ..finetune.data import parse_slice_list
+    from ..slices import parse_slice_list
 
     if not values:
         return None

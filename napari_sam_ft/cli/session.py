@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..slices import parse_slice_list
 from .common import parse_window
 
 
@@ -45,22 +46,6 @@ def register(subparsers) -> None:
     recover.add_argument("-o", "--output", required=True, help="label file to write")
     recover.add_argument("--discard", action="store_true", help="remove the autosave after writing it out")
     recover.set_defaults(run=run_recover)
-
-
-def parse_slice_list(text: str, num_slices: int) -> list[int]:
-    """"3,5,10-14" -> [3, 5, 10, 11, 12, 13, 14], each checked against 0..num_slices-1."""
-    slices: set[int] = set()
-    for part in filter(None, (piece.strip() for piece in text.split(","))):
-        first, _, last = part.partition("-")
-        try:
-            low, high = int(first), int(last or first)
-        except ValueError:
-            raise ValueError(f"slice list item {part!r} is not N or A-B") from None
-        for index in (low, high):
-            if not 0 <= index < num_slices:
-                raise ValueError(f"slice {index} is out of range 0..{num_slices - 1}")
-        slices.update(range(low, high + 1))
-    return sorted(slices)
 
 
 def _channels(text: str | None) -> list[int] | None:

@@ -181,36 +181,6 @@ def annotated_slices(labels_zyx: np.ndarray) -> list[int]:
     return [int(index) for index in np.flatnonzero(labels_zyx.reshape(labels_zyx.shape[0], -1).any(axis=1))]
 
 
-def parse_slice_list(text: str, num_slices: int | None = None) -> list[int]:
-    """'62,70,78' or '10:20' (Python-style: 10..19) or '0:30:5' or a mix -> sorted unique slice indices."""
-    indices: set[int] = set()
-    for part in str(text).replace(" ", "").split(","):
-        if not part:
-            continue
-        try:
-            if ":" in part:
-                bounds = [int(value) if value else None for value in part.split(":")]
-                if len(bounds) > 3 or bounds[0] is None or (bounds[1] is None and num_slices is None):
-                    raise ValueError
-                stop = bounds[1] if bounds[1] is not None else num_slices
-                step = bounds[2] if len(bounds) == 3 and bounds[2] else 1
-                if step <= 0 or stop <= bounds[0]:
-                    raise ValueError
-                indices.update(range(bounds[0], stop, step))
-            else:
-                indices.add(int(part))
-        except ValueError:
-            raise FinetuneDataError(f"cannot read slice list item {part!r}: use indices like 62,70,78 or "
-                                    f"ranges A:B (A..B-1) or A:B:step") from None
-    if num_slices is not None:
-        outside = sorted(index for index in indices if not 0 <= index < num_slices)
-        if outside:
-            raise FinetuneDataError(f"slice(s) {outside} are out of range 0..{num_slices - 1}")
-    if not indices:
-        raise FinetuneDataError(f"the slice list {text!r} names no slices")
-    return sorted(indices)
-
-
 def _per_volume(value, count: int, what: str) -> list[list[int] | None]:
     """None, one list for every volume, or one list (or None) per volume."""
     if value is None:
