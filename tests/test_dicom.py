@@ -164,6 +164,22 @@ def test_a_transfer_syntax_without_a_decoder_is_named(crop, tmp_path):
         read_dicom(tmp_path)
 
 
+def test_a_compressed_series_without_its_decoder_installed_names_the_package(crop, tmp_path, monkeypatch):
+    import pydicom.pixels
+
+    hounsfield, affine, _ = crop
+    write_ct_series(tmp_path, hounsfield[:, :, :2], affine, compress=JPEG2000Lossless)
+
+    class Uninstalled:  # what pydicom reports when pylibjpeg-openjpeg (and every other JPEG 2000 plugin) is missing
+        is_available = False
+        missing_dependencies = ["pylibjpeg-openjpeg"]
+
+    monkeypatch.setattr(pydicom.pixels, "get_decoder", lambda syntax: Uninstalled())
+    with pytest.raises(VolumeError, match=r"compressed as JPEG 2000 Image Compression \(Lossless Only\) .*no decoder "
+                                          r"for it is installed; install pylibjpeg \+ pylibjpeg-openjpeg"):
+        read_dicom(tmp_path)
+
+
 def test_a_folder_without_dicom_files_and_a_multiframe_image_are_refused(crop, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("no images here")
