@@ -14,7 +14,8 @@ from .engine.propagate import propagate_mask
 from .engine.window_choice import encoder_passes, windows_used
 from .metrics import score_labels, score_masks
 
-PROMPT_MODES = ("box", "point", "point_box", "propagate", "none")
+# How the simulated user prompts each reference object (``evaluate --prompt``).
+EVALUATION_PROMPTS = ("box", "point", "point_box", "propagate", "none")
 
 
 def reference_prompt(reference_mask: np.ndarray, prompt_mode: str) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -103,8 +104,8 @@ def evaluate(predictor: VolumePredictor, reference: np.ndarray, prompt_mode: str
     Returns the report (``dice`` = mean over classes present, ``per_class``, ``hd95``, settings) and the
     predicted (Z, H, W) labels.
     """
-    if prompt_mode not in PROMPT_MODES:
-        raise ValueError(f"unknown prompt mode {prompt_mode!r}; choose one of {', '.join(PROMPT_MODES)}")
+    if prompt_mode not in EVALUATION_PROMPTS:
+        raise ValueError(f"unknown prompt mode {prompt_mode!r}; choose one of {', '.join(EVALUATION_PROMPTS)}")
     reference = np.asarray(reference)
     if reference.shape != predictor.volume.shape:
         raise ValueError(f"reference labels have shape {reference.shape} but the image has {predictor.volume.shape}")

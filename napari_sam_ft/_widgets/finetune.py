@@ -23,7 +23,7 @@ from qtpy.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QLabel, QLineEd
 from ..finetune.adapters import AdapterError, check_output_folder
 from ..finetune.data import FinetuneDataError, VolumeAnnotations, annotated_slices, build_training_data
 from ..finetune.scopes import SCOPES
-from ..finetune.train import PROMPT_MODES, TrainingResult, TrainSettings, train_adapter
+from ..finetune.train import TRAINING_PROMPT_MODES, TrainingResult, TrainSettings, train_adapter
 from ..models.registry import DEFAULT_MODEL, MODELS
 from ..slices import parse_slice_list
 from ._controls import widget_row
@@ -112,7 +112,7 @@ class FinetuneWidget(QWidget):
         self.scope_combo.setToolTip("lora: LoRA on encoder and decoder attention; decoder: the mask decoder only "
                                     "(fastest); full: every weight")
         self.prompt_combo = QComboBox()
-        for mode in PROMPT_MODES[::-1]:  # mixed first
+        for mode in TRAINING_PROMPT_MODES[::-1]:  # mixed first
             self.prompt_combo.addItem(PROMPT_LABELS[mode], mode)
         self.steps_spin = QSpinBox()
         self.steps_spin.setRange(0, 100_000)

@@ -9,7 +9,8 @@ from dataclasses import asdict, dataclass
 from ..models.registry import DEFAULT_MODEL
 
 MODES = ("auto", "segment", "evaluate")
-PROMPT_MODES = ("box", "point", "none")
+# The simulated prompts a cohort evaluation offers (a subset of evaluate.EVALUATION_PROMPTS).
+COHORT_PROMPTS = ("box", "point", "none")
 MASK_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd", ".mha", ".mgz", ".tif", ".npy")
 
 
@@ -52,8 +53,8 @@ class CohortSettings:
         """Raise ``ValueError`` for settings no scan could run with (before any work is sent out)."""
         if self.mode not in MODES:
             raise ValueError(f"unknown cohort job {self.mode!r}; choose one of {', '.join(MODES)}")
-        if self.prompt not in PROMPT_MODES:
-            raise ValueError(f"unknown prompt mode {self.prompt!r}; choose one of {', '.join(PROMPT_MODES)}")
+        if self.prompt not in COHORT_PROMPTS:
+            raise ValueError(f"unknown prompt mode {self.prompt!r}; choose one of {', '.join(COHORT_PROMPTS)}")
         if self.mask_suffix not in MASK_SUFFIXES:
             raise ValueError(f"masks can be written as {', '.join(MASK_SUFFIXES)}, not {self.mask_suffix!r}")
         if self.axis not in (None, 0, 1, 2):

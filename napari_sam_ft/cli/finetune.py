@@ -12,7 +12,7 @@ from ..devices import DEVICE_CHOICES
 
 def register(subparsers) -> None:
     from ..finetune.scopes import SCOPES
-    from ..finetune.train import PROMPT_MODES, TrainSettings
+    from ..finetune.train import TRAINING_PROMPT_MODES, TrainSettings
     from ..models.registry import DEFAULT_MODEL, MODELS
     from .common import add_volume_options
 
@@ -36,7 +36,7 @@ def register(subparsers) -> None:
     parser.add_argument("--scope", choices=SCOPES, default=defaults.scope,
                         help="lora: LoRA on encoder + decoder attention (default); decoder: the mask decoder only; "
                         "full: every weight")
-    parser.add_argument("--prompt", choices=PROMPT_MODES, default=defaults.prompt_mode,
+    parser.add_argument("--prompt", choices=TRAINING_PROMPT_MODES, default=defaults.prompt_mode,
                         help="box/point: simulated prompts; none: an automatic per-class head; mixed: both (default)")
     parser.add_argument("--decoder-steps", type=int, default=None, metavar="N",
                         help="optimisation steps on cached embeddings (default: planned from the number of "

@@ -7,11 +7,11 @@ and the napari panel), ``adapters`` saves, loads, switches and unloads adapters 
 from .adapters import AdapterError, AdapterInfo, active_adapter, load_adapter, read_adapter_info, unload_adapter
 from .data import FinetuneDataError, TrainingData, VolumeAnnotations, annotated_slices, build_training_data
 from .scopes import SCOPES, LoraSettings
-from .train import PROMPT_MODES, TrainingResult, TrainSettings, train_adapter
+from .train import TRAINING_PROMPT_MODES, TrainingResult, TrainSettings, train_adapter
 
 __all__ = [
-    "AdapterError", "AdapterInfo", "FinetuneDataError", "LoraSettings", "PROMPT_MODES", "SCOPES", "TrainSettings",
-    "TrainingData", "TrainingResult", "VolumeAnnotations", "active_adapter", "annotated_slices",
+    "AdapterError", "AdapterInfo", "FinetuneDataError", "LoraSettings", "SCOPES", "TRAINING_PROMPT_MODES",
+    "TrainSettings", "TrainingData", "TrainingResult", "VolumeAnnotations", "active_adapter", "annotated_slices",
     "build_training_data", "load_adapter", "read_adapter_info", "train_adapter",
     "unload_adapter",
 ]

@@ -46,7 +46,8 @@ from .losses import binary_dice_ce, multiclass_dice_ce
 from .scopes import SCOPES, LoraSettings, TrainableModel, prepare_scope
 from .validation import MODE_VALIDATION, class_logits, decode_prompts, objects_on_slice, pad_points, score_slices
 
-PROMPT_MODES = ("box", "point", "none", "mixed")
+# Which prompts an adapter is trained for (``finetune --prompt``); "mixed" = boxes and the no-prompt head.
+TRAINING_PROMPT_MODES = ("box", "point", "none", "mixed")
 ProgressCallback = Callable[[int, int, dict], None]
 CancelCheck = Callable[[], bool]
 
@@ -105,8 +106,9 @@ class TrainSettings:
     def check(self) -> None:
         if self.scope not in SCOPES:
             raise ValueError(f"unknown scope {self.scope!r}; choose one of {', '.join(SCOPES)}")
-        if self.prompt_mode not in PROMPT_MODES:
-            raise ValueError(f"unknown prompt mode {self.prompt_mode!r}; choose one of {', '.join(PROMPT_MODES)}")
+        if self.prompt_mode not in TRAINING_PROMPT_MODES:
+            raise ValueError(f"unknown prompt mode {self.prompt_mode!r}; "
+                             f"choose one of {', '.join(TRAINING_PROMPT_MODES)}")
         for name in ("decoder_steps", "encoder_steps"):
             value = getattr(self, name)
             if value is not None and value < 0:
