@@ -1,5 +1,8 @@
 """Fixtures for the widget tests: a real napari viewer with the sample CT and one shared loaded model.
 
+Nothing here imports torch or the engine before a test needs it (the widget modules import them, as npe2 does
+when a user docks a widget); ``test_user_flow.py`` checks the plugin in fresh processes besides.
+
 Run under a display: xvfb-run -a -s "-screen 0 1280x1024x24" .venv/bin/python -m pytest tests/gui -q
 """
 
@@ -9,8 +12,6 @@ import os
 import sys
 
 import pytest
-
-from napari_sam_ft.engine.cache import EmbeddingCache
 
 from .helpers import SLICE
 
@@ -40,6 +41,7 @@ def isolated_embedding_cache(tmp_path_factory):
 def shared_session(isolated_embedding_cache):
     """One model load and one embedding cache for every widget test (a slice is encoded once per run)."""
     from napari_sam_ft._widgets._session import SegmentSession
+    from napari_sam_ft.engine.cache import EmbeddingCache
 
     return SegmentSession(EmbeddingCache(disk_dir=isolated_embedding_cache / "shared"))
 
