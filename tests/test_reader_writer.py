@@ -200,3 +200,24 @@ def test_a_nifti_layer_saved_as_tiff_holds_the_scans_file_voxel_order(tmp_path):
     write_labels(str(path), data, meta)
     np.testing.assert_array_equal(tifffile.imread(str(path)), np.asanyarray(nib.load(str(labels_path)).dataobj))
     np.testing.assert_array_equal(read_labels(path, like=read_volume(ct_path)).array, data)
+
+
+def test_opening_and_saving_never_import_torch(tmp_path):
+    """The reader and writer run inside napari before any model: importing torch there (and triton with it)
+    after napari's OpenGL context crashes the viewer, so they must not."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+import numpy as np
+from napari_sam_ft._reader import get_reader
+from napari_sam_ft._writer import write_labels
+from napari_sam_ft.sample import sample_paths
+image, labels = sample_paths("mr")
+data, meta, _ = get_reader(str(image))(str(image))[0]
+write_labels({str(tmp_path / "mask.seg.nrrd")!r}, np.zeros(data.shape, np.uint8) + 1, meta)
+assert "torch" not in sys.modules, [name for name in sys.modules if name.startswith("torch")][:5]
+"""
+    finished = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]

@@ -170,8 +170,10 @@ def test_oblique_nifti_mask_keeps_the_oblique_geometry(make_napari_viewer, tmp_p
     viewer = make_napari_viewer()
     [image] = viewer.open(str(scan_path), plugin=PLUGIN)
     assert any("oblique" in str(note.message) for note in notifications)  # the user is told
-    paint_save_check(viewer, image, make_labels, tmp_path / "mask.nii.gz", sitk.ReadImage(str(scan_path)))
+    scan = sitk.ReadImage(str(scan_path))
+    paint_save_check(viewer, image, make_labels, tmp_path / "mask.nii.gz", scan)
     np.testing.assert_allclose(nib.load(str(tmp_path / "mask.nii.gz")).affine, affine, atol=1e-5)
+    paint_save_check(viewer, image, make_labels, tmp_path / "mask.nrrd", scan)  # LPS space directions, tilted
 
 
 def test_a_labels_layer_off_the_scan_grid_is_refused_with_the_reason(make_napari_viewer, tmp_path):
