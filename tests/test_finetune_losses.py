@@ -30,3 +30,23 @@ def test_multiclass_loss_matches_monai_and_has_gradients():
     assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
     perfect = torch.nn.functional.one_hot(indices[:, 0], 4).movedim(-1, 1).float() * 30
     assert multiclass_dice_ce(perfect, indices) < 0.01
+
+
+def test_batch_loss_is_the_batch_dice_over_present_classes():
+    from napari_sam_ft.finetune.losses import batch_dice_ce
+
+    generator = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 4, 16, 18, generator=generator, requires_grad=True)
+    indices = torch.randint(0, 4, (2, 1, 16, 18), generator=generator)
+    # Every class present, slices of one size: exactly MONAI's batch Dice + CE (multiclass_dice_ce).
+    together = batch_dice_ce(list(logits), list(indices[:, 0]))
+    assert together.item() == pytest.approx(multiclass_dice_ce(logits, indices).item(), rel=1e-5)
+    together.backward()
+    assert torch.isfinite(logits.grad).all()
+    # A class absent from the batch costs nothing in the Dice term, however much probability it gets.
+    only_one = torch.where(indices[:, 0] == 2, 0, indices[:, 0]) % 2  # classes 0 and 1 only
+    confident = torch.nn.functional.one_hot(only_one, 4).movedim(-1, 1).float() * 30
+    confident[:, 3] = 29.0  # a strong (but not winning) class 3 everywhere
+    small_slice = confident[0, :, :8, :9]
+    loss = batch_dice_ce([confident[0], small_slice], [only_one[0], only_one[0, :8, :9]])
+    assert loss.item() < 0.6  # the per-slice Dice of absent class 3 would add ~1

@@ -37,3 +37,32 @@ def multiclass_dice_ce(logits: torch.Tensor, class_indices: torch.Tensor) -> tor
     probabilities = torch.softmax(logits, dim=1)
     return (_soft_dice_loss(probabilities[:, 1:], one_hot[:, 1:])
             + F.cross_entropy(logits, indices))
+
+
+def batch_dice_ce(logits: list[torch.Tensor], class_indices: list[torch.Tensor]) -> torch.Tensor:
+    """Automatic-head loss of a batch of slices that may differ in size: one (1 + K, H_i, W_i) logit map and
+    one (H_i, W_i) channel-index map per slice.
+
+    Dice is one ratio per class over the whole batch, and only over the classes present in it; the
+    cross-entropy is the mean over every pixel. A class absent from a slice (the pallidum on a slice
+    through the hippocampus only) would otherwise give that slice a Dice loss of ~1 for any probability
+    above 0, pushing a young head of small structures towards "nothing anywhere".
+    """
+    channels = logits[0].shape[0]
+    intersection = logits[0].new_zeros(channels - 1)
+    sizes = logits[0].new_zeros(channels - 1)
+    present = torch.zeros(channels - 1, dtype=torch.bool, device=logits[0].device)
+    cross_entropy = logits[0].new_zeros(())
+    pixels = 0
+    for slice_logits, indices in zip(logits, class_indices):
+        indices = indices.long()
+        one_hot = F.one_hot(indices, channels).movedim(-1, 0).to(slice_logits.dtype)[1:]
+        probabilities = torch.softmax(slice_logits, dim=0)[1:]
+        intersection = intersection + (probabilities * one_hot).sum((1, 2))
+        sizes = sizes + probabilities.sum((1, 2)) + one_hot.sum((1, 2))
+        present |= one_hot.sum((1, 2)) > 0
+        cross_entropy = cross_entropy + F.cross_entropy(slice_logits[None], indices[None], reduction="sum")
+        pixels += indices.numel()
+    dice_loss = 1 - (2 * intersection + SMOOTH) / (sizes + SMOOTH)
+    dice_term = dice_loss[present].mean() if bool(present.any()) else dice_loss.new_zeros(())
+    return dice_term + cross_entropy / pixels

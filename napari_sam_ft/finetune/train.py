@@ -19,8 +19,9 @@ validations, so nothing depends on the clock. An optional wall-clock ``time_limi
 early; the result, the progress callback and the adapter's metadata then say so (``stopped:
 time_limit``, steps done of planned).
 
-Loss: Dice + cross-entropy (``losses``, MONAI's ``DiceCELoss`` definitions): binary per prompted object,
-softmax over background + K classes for the automatic head (Dice without the background channel).
+Loss: Dice + cross-entropy (``losses``, MONAI's ``DiceCELoss`` definitions): binary per prompted object;
+for the automatic head, softmax over background + K classes with one Dice ratio per class over the whole
+batch, for the classes present in it (``batch_dice_ce``).
 Optimiser: AdamW, linear warm-up then cosine decay over the phase's planned steps. The best weights (by
 validation Dice) are kept and saved, also when the caller cancels.
 """
@@ -42,7 +43,7 @@ from .adapters import adapter_size_bytes, base_network_copy, check_output_folder
 from .augment import AugmentSettings, augment_pair, jittered_box, sampled_points
 from .data import AnnotatedSlice, TrainingData
 from .heads import ClassHead
-from .losses import binary_dice_ce, multiclass_dice_ce
+from .losses import batch_dice_ce, binary_dice_ce
 from .scopes import SCOPES, LoraSettings, TrainableModel, prepare_scope
 from .validation import MODE_VALIDATION, class_logits, decode_prompts, objects_on_slice, pad_points, score_slices
 
@@ -366,10 +367,9 @@ class _Trainer:
         with autocast_context(self.device, self.train_dtype):
             if mode == "none":
                 shapes = [view.labels.shape for view in views]
-                for logits, view in zip(class_logits(self.head, self.sam, self.preprocessing, embeddings, shapes),
-                                        views):
-                    target = torch.from_numpy(self.data.class_indices(view.labels)[None, None]).to(self.device)
-                    losses.append(multiclass_dice_ce(logits[None].float(), target))
+                logits = class_logits(self.head, self.sam, self.preprocessing, embeddings, shapes)
+                targets = [torch.from_numpy(self.data.class_indices(view.labels)).to(self.device) for view in views]
+                losses.append(batch_dice_ce([item.float() for item in logits], targets))
             else:
                 for index, view in enumerate(views):
                     loss = self.prompted_loss(embeddings[index:index + 1], view.labels, mode, rng)
