@@ -211,13 +211,17 @@ def list_dicom_series(path: str | os.PathLike) -> list[SeriesInfo]:
     """The series in a DICOM folder (or in the folder of one DICOM file), largest first."""
     folder, _ = _folder_of(Path(path))
     try:
-        series = [_series_info(uid, members) for uid, members in _scan_folder(folder).items()]
+        return _largest_first(_scan_folder(folder), folder)
     except VolumeError:
         raise
     except Exception as error:
         raise VolumeError(f"{folder}: damaged DICOM data ({type(error).__name__}: {error})") from error
-    if not series:
+
+
+def _largest_first(scanned: dict, folder: Path) -> list[SeriesInfo]:
+    if not scanned:
         raise VolumeError(f"{folder}: holds no DICOM files")
+    series = [_series_info(uid, members) for uid, members in scanned.items()]
     return sorted(series, key=lambda info: (-info.num_slices * info.rows * info.columns, info.series_uid))
 
 
@@ -265,11 +269,7 @@ def read_dicom(path: str | os.PathLike, series_uid: str | None = None) -> tuple[
 def _read_series(path: Path, series_uid: str | None) -> tuple[np.ndarray, np.ndarray, DicomSource]:
     folder, file_series = _folder_of(path)
     scanned = _scan_folder(folder)
-    if not scanned:
-        raise VolumeError(f"{folder}: holds no DICOM files")
-    series = sorted((_series_info(uid, members) for uid, members in scanned.items()),
-                    key=lambda info: (-info.num_slices * info.rows * info.columns, info.series_uid))
-    chosen, message = choose_series(series, series_uid, folder, file_series)
+    chosen, message = choose_series(_largest_first(scanned, folder), series_uid, folder, file_series)
     members = scanned[chosen.series_uid]
     where = f"{folder}: series {chosen.series_uid}"
     if not chosen.is_image:
