@@ -92,3 +92,20 @@ def test_segment_a_dicom_series_to_a_seg_on_the_prompted_instances(dicom_ct, tmp
     source_position = pydicom.dcmread(dicom_ct["files"][k], stop_before_pixels=True).ImagePositionPatient
     assert np.allclose([float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient],
                        [float(v) for v in source_position], atol=1e-3)
+
+
+def test_auto_on_a_dicom_series_writes_a_seg_of_the_slices_it_segmented(dicom_ct, tmp_path):
+    from napari_sam_ft.volume import read_labels, read_volume
+
+    output = tmp_path / "auto.dcm"
+    assert main(["auto", str(dicom_ct["folder"]), "--slices", "15:16", "-o", str(output)]) == 0
+    seg = pydicom.dcmread(output)
+    assert seg.Modality == "SEG" and seg.ReferencedSeriesSequence[0].SeriesInstanceUID == dicom_ct["series_uid"]
+    volume = read_volume(dicom_ct["folder"])
+    labels = read_labels(output, like=volume).array
+    assert labels[15].any() and not labels[:15].any() and not labels[16:].any()
+    referenced = {item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+                  for item in seg.PerFrameFunctionalGroupsSequence}
+    assert referenced == {volume.header.sop_instance_uids[int(np.flatnonzero(
+        volume.to_file_order((labels > 0).astype(np.uint8)).any(axis=(0, 1)))[0])]}
+    assert len(seg.SegmentSequence) == len(np.unique(labels)) - 1
