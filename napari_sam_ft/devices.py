@@ -39,6 +39,21 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+@lru_cache(maxsize=1)
+def cpu_model_name() -> str:
+    """The CPU's marketing name (e.g. "AMD EPYC 9654"), for benchmark records; the platform's word elsewhere."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as handle:
+            for line in handle:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
 def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
     """The autocast dtype for the image encoder, or None for plain fp32.
 
