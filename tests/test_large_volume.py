@@ -298,3 +298,18 @@ def test_the_large_scan_benchmark_phantom_has_its_liver_on_the_patients_right_an
     assert np.array_equal(shown, drawn)
     assert bench.world_x_of(liver_slice, drawn == bench.LIVER, compressed.world_affine) == pytest.approx(
         bench.file_liver_x(labels, liver_slice), abs=0.5)
+
+
+def test_a_large_mgz_is_memory_mapped_from_its_decompressed_copy_too(tmp_path, monkeypatch):
+    from napari_sam_ft.io import decompressed
+
+    monkeypatch.setenv("NAPARI_SAM_FT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(decompressed, "DECOMPRESS_TO_CACHE_BYTES", 1 << 20)
+    data = np.random.default_rng(5).integers(-1000, 1500, size=(128, 120, 40), dtype=np.int16)
+    path = tmp_path / "t1.mgz"
+    nib.save(nib.MGHImage(data, np.diag([-1.0, 1.0, 1.2, 1.0])), str(path))
+    volume = read_volume(path)
+    mapped = volume.array if volume.array.base is None else volume.array.base
+    assert isinstance(mapped, np.memmap)
+    assert [entry.suffix for entry in (tmp_path / "cache" / "decompressed").iterdir()] == [".mgh"]
+    assert np.array_equal(volume.to_file_order(np.asarray(volume.array)), np.asarray(nib.load(str(path)).dataobj))
