@@ -166,6 +166,82 @@ def test_a_second_run_skips_finished_scans_and_overwrite_redoes_them(evaluated, 
     assert (output / "masks" / "example_ct_sm.nii.gz").stat().st_mtime_ns > masks["example_ct_sm.nii.gz"]
 
 
+def test_segment_over_a_folder_and_auto_over_a_glob_write_the_single_scan_commands_masks(cluster, tmp_path, capsys):
+    """``batch segment`` (one prompt file for every scan of a folder) and ``batch auto`` (a glob) on the cluster."""
+    import shutil
+
+    from napari_sam_ft.engine.prompts import box_from_mask
+    from napari_sam_ft.metrics import dice
+    from napari_sam_ft.volume import read_labels, read_volume
+
+    ct, ct_labels = sample_paths("ct")
+    for patient in ("patient1", "patient2"):  # the same file name twice: ids get the folder in front
+        (tmp_path / "scans" / patient).mkdir(parents=True)
+        shutil.copyfile(ct, tmp_path / "scans" / patient / ct.name)
+    reference = read_labels(ct_labels, like=read_volume(ct)).array
+    box = [float(value) for value in box_from_mask(reference[15] == 5)]
+    prompts = tmp_path / "liver.json"
+    prompts.write_text(json.dumps([{"slice": 15, "label": 5, "box": box}]))
+    address = cluster[0].scheduler_address
+    assert main(["batch", "segment", str(tmp_path / "scans"), "--prompts", str(prompts), "-o", str(tmp_path / "seg"),
+                 "--scheduler", address]) == 0
+    single = tmp_path / "single.nii.gz"
+    assert main(["segment", str(ct), "--prompts", str(prompts), "-o", str(single)]) == 0
+    expected = read_labels(single, like=read_volume(ct)).array == 5
+    rows = read_results(tmp_path / "seg")
+    assert sorted(row["scan_id"] for row in rows) == ["patient1_example_ct_sm", "patient2_example_ct_sm"]
+    for row in rows:
+        mask = read_labels(row["mask"], like=read_volume(ct)).array
+        assert row["status"] == "ok" and set(np.unique(mask)) == {0, 5}
+        assert dice(mask == 5, expected) > 0.99
+
+    with pytest.raises(SystemExit):  # a scheduler or local workers, not both
+        main(["batch", "auto", str(ct), "-o", str(tmp_path / "auto"), "--scheduler", address, "--workers", "2"])
+    assert main(["batch", "auto", str(tmp_path / "scans" / "patient1" / "*.nii.gz"), "--slices", "15:16",
+                 "-o", str(tmp_path / "auto"), "--scheduler", address]) == 0
+    (row,) = read_results(tmp_path / "auto")
+    mask = read_labels(row["mask"], like=read_volume(ct)).array
+    assert row["status"] == "ok" and int(row["objects"]) > 0 and mask[15].any() and not mask[14].any()
+
+
+def test_scan_lists_manifests_and_resume_keys():
+    """Inputs and ids without a cluster: folders, globs, clashing names, manifests, and what a resume trusts."""
+    from napari_sam_ft.batch import CohortSettings, ModelChoice, Scan, expand_inputs, read_manifest, with_scan_ids
+
+    ct, ct_labels = sample_paths("ct")
+    data = ct.parent
+    found = [Path(scan.image).name for scan in expand_inputs([data])]
+    assert set(found) == {path.name for path in data.iterdir() if path.name.endswith(".nii.gz")}
+    assert [Path(scan.image).name for scan in expand_inputs([str(data / "example_ct*.nii.gz")])] == [ct.name]
+    with pytest.raises(ValueError, match="no file matches"):
+        expand_inputs([str(data / "nothing*.nii.gz")])
+    ids = [scan.scan_id for scan in with_scan_ids(["/a/x/t1.nii.gz", "/a/y/t1.nii.gz", "/a/y/t2.nrrd"])]
+    assert ids == ["x_t1", "y_t1", "t2"]
+    identity = {"model_id": "litemedsam-1", "adapter_id": "none"}
+    scan = Scan(str(ct), str(ct_labels), slices="14:16")
+    key = CohortSettings(mode="evaluate").task_key(scan, identity)
+    assert key == CohortSettings(mode="evaluate", model=ModelChoice(device="cpu")).task_key(scan, identity)
+    assert key != CohortSettings(mode="evaluate", prompt="point").task_key(scan, identity)
+    assert key != CohortSettings(mode="evaluate").task_key(scan, {**identity, "adapter_id": "a1"})
+    with pytest.raises(ValueError, match="unknown prompt mode"):
+        CohortSettings(mode="evaluate", prompt="lasso").check()
+
+
+def test_manifest_problems_get_one_clear_message(tmp_path, capsys):
+    from napari_sam_ft.batch import read_manifest
+
+    no_image = tmp_path / "no_image.csv"
+    no_image.write_text("scan,labels\na.nii.gz,b.nii.gz\n")
+    with pytest.raises(ValueError, match="needs an 'image' column"):
+        read_manifest(no_image)
+    relative = tmp_path / "relative.csv"
+    relative.write_text("image,labels\nsub/a.nii.gz,\n\n")
+    (scan,) = read_manifest(relative)
+    assert scan.image == str(tmp_path / "sub" / "a.nii.gz") and scan.labels is None
+    assert main(["batch", "evaluate", str(tmp_path), "-o", str(tmp_path / "out")]) == 1
+    assert "give them as a --manifest CSV" in capsys.readouterr().err
+
+
 def test_a_worker_killed_mid_scan_has_its_scan_finished_elsewhere_and_no_partial_mask(cluster, tmp_path):
     from napari_sam_ft.batch import CohortSettings, Scan, run_cohort
 
