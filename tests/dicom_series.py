@@ -24,8 +24,9 @@ def write_ct_series(folder: Path, hounsfield_ijk: np.ndarray, affine_ras: np.nda
                     seed: int = 0, compress: str | None = None) -> dict:
     """Write ``hounsfield_ijk`` (i = column, j = row, k = slice) with a RAS+ affine as one CT series.
 
-    Stored pixels are (HU - intercept) / slope as uint16 with ``bits_stored`` significant bits. Slices in ``skip_slices`` are left out (a missing
-    file). Returns the series UID, the files in slice order and the LPS affine of the series.
+    Stored pixels are (HU - intercept) / slope as uint16 with ``bits_stored`` significant bits. Slices in
+    ``skip_slices`` are left out (a missing file). Returns the series UID, the files in slice order and the LPS
+    affine of the series.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -50,7 +51,8 @@ def write_ct_series(folder: Path, hounsfield_ijk: np.ndarray, affine_ras: np.nda
         dataset = Dataset()
         dataset.file_meta = meta
         dataset.SOPClassUID, dataset.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        dataset.PatientName, dataset.PatientID, dataset.PatientBirthDate, dataset.PatientSex = "Test^Crop", "T001", "", "O"
+        dataset.PatientName, dataset.PatientID = "Test^Crop", "T001"
+        dataset.PatientBirthDate, dataset.PatientSex = "", "O"
         dataset.StudyInstanceUID, dataset.SeriesInstanceUID = study_uid, series_uid
         dataset.FrameOfReferenceUID = frame_of_reference_uid
         dataset.StudyID, dataset.AccessionNumber, dataset.ReferringPhysicianName = "1", "A1", ""

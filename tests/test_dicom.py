@@ -113,7 +113,8 @@ def test_the_largest_ct_series_is_the_default_and_another_is_chosen_by_uid(crop,
 def test_a_missing_slice_is_refused_naming_the_gap(crop, tmp_path):
     hounsfield, affine, _ = crop
     write_ct_series(tmp_path, hounsfield, affine, skip_slices=(5,))
-    with pytest.raises(VolumeError, match=r"unevenly spaced.*6\.000 mm between slice 4 .* and slice 5.*1 slice\(s\) missing"):
+    with pytest.raises(VolumeError,
+                       match=r"unevenly spaced.*6\.000 mm between slice 4 .* and slice 5.*1 slice\(s\) missing"):
         read_dicom(tmp_path)
 
 
@@ -160,7 +161,8 @@ def test_a_transfer_syntax_without_a_decoder_is_named(crop, tmp_path):
         dataset = pydicom.dcmread(path)
         dataset.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.102"  # H.264 video: pydicom has no decoder
         dataset.save_as(path)
-    with pytest.raises(VolumeError, match=r"compressed as MPEG-4 AVC/H.264 .*\(1\.2\.840\.10008\.1\.2\.4\.102\).*no installed"):
+    with pytest.raises(VolumeError,
+                       match=r"compressed as MPEG-4 AVC/H.264 .*\(1\.2\.840\.10008\.1\.2\.4\.102\).*no installed"):
         read_dicom(tmp_path)
 
 
@@ -214,7 +216,8 @@ def write_series_with_simpleitk(image, folder, seed: int = 0) -> str:
         plane = image[:, :, k]
         for tag, value in tags:
             plane.SetMetaData(tag, value)
-        plane.SetMetaData("0020|0032", "\\".join(f"{value:.6f}" for value in image.TransformIndexToPhysicalPoint((0, 0, k))))
+        position = image.TransformIndexToPhysicalPoint((0, 0, k))
+        plane.SetMetaData("0020|0032", "\\".join(f"{value:.6f}" for value in position))
         plane.SetMetaData("0020|0013", str(int(rng.integers(1, 1000))))
         plane.SetMetaData("0008|0018", pydicom.uid.generate_uid())
         writer.SetFileName(str(folder / f"{uuid.UUID(bytes=rng.bytes(16)).hex}.dcm"))

@@ -359,9 +359,10 @@ def _sorted_slices(members, where: str):
     tolerance = max(POSITION_TOLERANCE_MM, POSITION_TOLERANCE_FRACTION * spacing)
     uneven = np.flatnonzero(np.abs(gaps - spacing) > tolerance)
     if uneven.size:
-        described = ", ".join(f"{gaps[index]:.3f} mm between slice {index} at {distances[index]:.3f} mm "
-                              f"({Path(ordered[index][0]).name}) and slice {index + 1} at {distances[index + 1]:.3f} mm "
-                              f"({Path(ordered[index + 1][0]).name})" for index in uneven[:5])
+        described = ", ".join(
+            f"{gaps[index]:.3f} mm between slice {index} at {distances[index]:.3f} mm ({Path(ordered[index][0]).name}) "
+            f"and slice {index + 1} at {distances[index + 1]:.3f} mm ({Path(ordered[index + 1][0]).name})"
+            for index in uneven[:5])
         missing = sum(max(0, int(round(gaps[index] / spacing)) - 1) for index in uneven)
         hint = f"; about {missing} slice(s) missing" if missing else ""
         raise VolumeError(f"{where} is unevenly spaced: the slices are {spacing:.3f} mm apart but there are gaps of "

@@ -18,7 +18,6 @@ from .atomic import atomic_write
 from .dicom import DicomSource
 from .errors import VolumeError
 
-SEG_SUFFIXES = (".dcm",)
 TRACKING_ID = "label {}"
 TRACKING_PATTERN = re.compile(r"^label (\d+)$")
 SEG_MODALITY = "SEG"
@@ -115,7 +114,7 @@ def read_dicom_seg(path: str | os.PathLike, source: DicomSource) -> tuple[np.nda
         segmentation = hd.seg.segread(str(path))
     except Exception as error:
         raise VolumeError(f"{path}: not a readable DICOM SEG ({type(error).__name__}: {error})") from error
-    referenced = {str(uid) for _, uid, _ in _referenced_series(segmentation)}
+    referenced = {str(item.SeriesInstanceUID) for item in getattr(segmentation, "ReferencedSeriesSequence", [])}
     if source.series_uid not in referenced:
         raise VolumeError(f"{path}: segments series {', '.join(sorted(referenced)) or '(none)'}, not the image's "
                           f"series {source.series_uid}")
@@ -145,10 +144,3 @@ def read_dicom_seg(path: str | os.PathLike, source: DicomSource) -> tuple[np.nda
         frames[index_of[uid]] = lookup[plane]
     names = {label_of[number]: str(segmentation.get_segment_description(number).segment_label) for number in numbers}
     return np.transpose(frames, (2, 1, 0)), names
-
-
-def _referenced_series(segmentation):
-    """(study UID, series UID, SOP instance UIDs) of the series a SEG references."""
-    for item in getattr(segmentation, "ReferencedSeriesSequence", []):
-        yield None, item.SeriesInstanceUID, [reference.ReferencedSOPInstanceUID
-                                             for reference in item.ReferencedInstanceSequence]
