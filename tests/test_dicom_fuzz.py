@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from napari_sam_ft.io.dicom import list_dicom_series, read_dicom
+from napari_sam_ft.io.dicom_seg import read_dicom_seg, write_dicom_seg
 from napari_sam_ft.io.errors import VolumeError
 
 # pydicom warns about every invalid value it meets; damaged values are what these tests are made of.
@@ -89,6 +90,33 @@ def test_truncated_files_are_refused_clearly(index, data):
 @given(content=st.binary(max_size=2048))
 def test_random_bytes_after_a_dicom_preamble_give_a_volume_or_a_volume_error(content):
     _read_mutated(1, b"\0" * 128 + b"DICM" + content)
+
+
+SEED_LABELS = (HOUNSFIELD > 0).astype(np.uint8) + (HOUNSFIELD > 600)  # two segments on every slice
+SEED_SOURCE = read_dicom(SEED_FOLDER)[2]
+SEED_SEG = write_dicom_seg(SEED_FOLDER / "seed-seg" / "seg.dcm", SEED_LABELS, None, source=SEED_SOURCE).read_bytes()
+shutil.rmtree(SEED_FOLDER / "seed-seg")  # not part of the seed series
+
+
+def test_the_unmutated_seed_seg_reads_back():
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "seg.dcm"
+        path.write_bytes(SEED_SEG)
+        assert np.array_equal(read_dicom_seg(path, SEED_SOURCE)[0], SEED_LABELS)
+
+
+@FUZZ
+@given(data=st.data())
+def test_a_seg_with_flipped_bytes_gives_labels_on_the_source_grid_or_a_volume_error(data):
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "seg.dcm"
+        path.write_bytes(_mutate(SEED_SEG, data))
+        try:
+            labels, _ = read_dicom_seg(path, SEED_SOURCE)
+        except VolumeError as error:
+            assert str(error)
+            return
+        assert labels.shape == SEED_LABELS.shape
 
 
 def teardown_module():
