@@ -11,6 +11,8 @@ import nrrd
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from napari_sam_ft.io.errors import VolumeError
 from napari_sam_ft.io.geometry import grid_alignment
@@ -227,3 +229,49 @@ def test_a_volume_is_an_immutable_value(tmp_path):
         volume.array = np.zeros(3)
     other = volume.with_array(np.zeros(volume.shape, np.uint8))
     np.testing.assert_array_equal(other.world_affine, volume.world_affine)
+
+
+def test_label_arrays_without_geometry_round_trip_in_the_image_s_file_order(tmp_path):
+    image = read_volume(_write_nrrd_image(tmp_path / "image.nrrd"))
+    mask = np.zeros(image.shape, np.uint8)
+    mask[3, 4, 5] = 2
+    path = write_volume(tmp_path / "mask.npy", mask, like=image)
+    assert np.load(path).shape == SHAPE_IJK  # the NRRD's own (i, j, k) order, as nrrd.read gives it
+    np.testing.assert_array_equal(read_labels(path, like=image).array, mask)
+    np.save(tmp_path / "wrong.npy", np.zeros(image.shape, np.uint8))  # the displayed order is not the file's
+    with pytest.raises(VolumeError, match=r"labels have shape \(16, 24, 20\) but the image's voxels are \(20, 24, 16\)"):
+        read_labels(tmp_path / "wrong.npy", like=image)
+
+
+SIGNED_PERMUTATIONS = st.tuples(st.permutations([0, 1, 2]), st.tuples(*[st.sampled_from([1, -1])] * 3))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(order=SIGNED_PERMUTATIONS, offset=st.tuples(st.integers(-2, 12), st.integers(-2, 12), st.integers(-2, 8)),
+       seed=st.integers(0, 2**16))
+def test_any_label_crop_in_any_voxel_order_lands_where_nibabel_puts_it(tmp_path, order, offset, seed):
+    """Labels of random voxel order, flips and offset: each labelled voxel lands on the image voxel at its world
+    point (by nibabel), or the file is refused because labelled voxels fall outside the image."""
+    image = read_volume(tmp_path / "image.nrrd") if (tmp_path / "image.nrrd").exists() else \
+        read_volume(_write_nrrd_image(tmp_path / "image.nrrd"))
+    axes, signs = order
+    crop = (np.random.default_rng(seed).random((6, 5, 4)) > 0.7).astype(np.uint8)
+    # Label voxel l maps to image file voxel i = P l + offset, with P the signed permutation.
+    permutation = np.zeros((4, 4))
+    permutation[3, 3] = 1.0
+    for label_axis, (image_axis, sign) in enumerate(zip(axes, signs)):
+        permutation[image_axis, label_axis] = sign
+    permutation[:3, 3] = offset
+    labels_affine = image.affine @ permutation
+    path = tmp_path / "labels.nii.gz"
+    nib.save(nib.Nifti1Image(crop, labels_affine), str(path))
+    image_voxels = np.rint(nib.affines.apply_affine(np.linalg.inv(image.affine),
+                                                    nib.affines.apply_affine(labels_affine, np.argwhere(crop))))
+    inside = ((image_voxels >= 0) & (image_voxels < SHAPE_IJK)).all(axis=1)
+    if not inside.all():
+        with pytest.raises(VolumeError, match="do not lie on the image's voxel grid"):
+            read_labels(path, like=image)
+        return
+    expected = np.zeros(SHAPE_IJK, np.uint8)
+    expected[tuple(image_voxels.astype(int).T)] = 1
+    np.testing.assert_array_equal(image.to_file_order(read_labels(path, like=image).array), expected)
