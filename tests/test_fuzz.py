@@ -143,7 +143,8 @@ def test_nifti_headers_with_garbage_fields_give_a_volume_or_a_volume_error(data,
 
 
 NRRD_FIELD_VALUES = {
-    "type": st.sampled_from(["short", "uchar", "float", "double", "int64", "complex", "block", ""]) | st.text(max_size=6),
+    "type": st.sampled_from(["short", "uchar", "float", "double", "int64", "complex", "block", ""])
+    | st.text(max_size=6),
     "dimension": st.integers(-1, 6).map(str) | st.text(max_size=3),
     "sizes": st.lists(st.integers(-2, 10**7), min_size=0, max_size=5).map(lambda sizes: " ".join(map(str, sizes))),
     "space": st.sampled_from(["left-posterior-superior", "RAS", "LAS", "scanner-xyz", "3D-right-handed", "LPST",

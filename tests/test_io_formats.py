@@ -170,7 +170,8 @@ def test_nrrd_spaces_give_simpleitk_s_world_points(tmp_path, space_fields):
 def test_a_vector_nrrd_gives_channels_and_a_2d_or_damaged_nrrd_one_clear_message(tmp_path):
     data = np.random.default_rng(2).integers(0, 100, (3, 8, 9, 5)).astype(np.uint8)
     vector = tmp_path / "vector.nrrd"
-    nrrd.write(str(vector), data, {"space": "left-posterior-superior", "kinds": ["vector", "domain", "domain", "domain"],
+    nrrd.write(str(vector), data, {"space": "left-posterior-superior",
+                                   "kinds": ["vector", "domain", "domain", "domain"],
                                    "space directions": np.array([[np.nan] * 3, [1, 0, 0], [0, 1, 0], [0, 0, 1.0]])},
                index_order="F")
     with pytest.raises(VolumeError, match="4D"):

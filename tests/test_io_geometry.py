@@ -31,7 +31,8 @@ def _oblique_affine() -> np.ndarray:
     angle = np.radians(20.0)
     rotation = np.array([[np.cos(angle), -np.sin(angle), 0.0], [np.sin(angle), np.cos(angle), 0.0], [0.0, 0.0, 1.0]])
     tilt = np.radians(10.0)
-    rotation = rotation @ np.array([[1.0, 0.0, 0.0], [0.0, np.cos(tilt), -np.sin(tilt)], [0.0, np.sin(tilt), np.cos(tilt)]])
+    rotation = rotation @ np.array([[1.0, 0.0, 0.0], [0.0, np.cos(tilt), -np.sin(tilt)],
+                                    [0.0, np.sin(tilt), np.cos(tilt)]])
     affine = np.eye(4)
     affine[:3, :3] = rotation @ np.diag([0.8, 0.9, 2.5])
     affine[:3, 3] = (-12.0, 30.5, -7.25)
@@ -239,7 +240,8 @@ def test_label_arrays_without_geometry_round_trip_in_the_image_s_file_order(tmp_
     assert np.load(path).shape == SHAPE_IJK  # the NRRD's own (i, j, k) order, as nrrd.read gives it
     np.testing.assert_array_equal(read_labels(path, like=image).array, mask)
     np.save(tmp_path / "wrong.npy", np.zeros(image.shape, np.uint8))  # the displayed order is not the file's
-    with pytest.raises(VolumeError, match=r"labels have shape \(16, 24, 20\) but the image's voxels are \(20, 24, 16\)"):
+    wrong_order = r"labels have shape \(16, 24, 20\) but the image's voxels are \(20, 24, 16\)"
+    with pytest.raises(VolumeError, match=wrong_order):
         read_labels(tmp_path / "wrong.npy", like=image)
 
 

@@ -177,7 +177,8 @@ def describe_geometry(affine, shape) -> str:
     affine = np.asarray(affine, dtype=float)
     spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
     codes = axis_codes(affine)
-    text = (f"shape {tuple(int(size) for size in shape)}, spacing ({', '.join(f'{value:.4g}' for value in spacing)}) mm, "
+    sizes = ", ".join(f"{value:.4g}" for value in spacing)
+    text = (f"shape {tuple(int(size) for size in shape)}, spacing ({sizes}) mm, "
             f"origin ({', '.join(f'{value:.4g}' for value in affine[:3, 3])}) mm RAS, "
             f"axes {''.join(codes) if codes else 'degenerate'}")
     angle = obliquity_degrees(affine)
