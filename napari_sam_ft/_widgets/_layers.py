@@ -145,20 +145,35 @@ def current_slice_index(viewer, image: Image) -> int:
     return int(np.clip(np.rint(z), 0, image.data.shape[0] - 1))
 
 
-def commit_mask(labels: Labels, mask_zyx: np.ndarray, label_id: int, overwrite_other_labels: bool = False) -> int:
-    """Paint ``mask_zyx`` into ``labels`` as ``label_id`` as one undoable edit; returns the voxels changed.
+def slices_with_content(volume_zyx: np.ndarray) -> np.ndarray:
+    """Indices of the slices of a (Z, Y, X) array that hold any non-zero voxel."""
+    volume = np.asarray(volume_zyx)
+    return np.flatnonzero(volume.reshape(volume.shape[0], -1).any(axis=1))
 
+
+def commit_mask(labels: Labels, slice_indices: np.ndarray, masks: np.ndarray, label_id: int,
+                overwrite_other_labels: bool = False) -> tuple[int, int]:
+    """Paint ``masks`` ((K, Y, X) bool, for slices ``slice_indices``) into ``labels`` as ``label_id`` as one
+    undoable edit; returns (voxels changed, voxels of other labels kept).
+
+    Only the given slices are read, so committing a few slices of a large scan stays quick on the GUI thread.
     Voxels that hold another label keep it unless ``overwrite_other_labels``.
     """
-    current = np.asarray(labels.data)
-    if current.shape != mask_zyx.shape:
-        raise ValueError(f"the labels layer {labels.name!r} has shape {current.shape}, the mask {mask_zyx.shape}")
-    target = np.asarray(mask_zyx, dtype=bool) & (current != label_id)
+    data = labels.data
+    slice_indices = np.asarray(slice_indices, dtype=np.intp)
+    masks = np.asarray(masks, dtype=bool)
+    if tuple(data.shape[1:]) != tuple(masks.shape[1:]) or len(slice_indices) != len(masks):
+        raise ValueError(f"the labels layer {labels.name!r} has shape {tuple(data.shape)}, the mask slices "
+                         f"{tuple(masks.shape)}")
+    current = np.asarray(data[slice_indices])
+    target = masks & (current != label_id)
+    other = target & (current != 0)
     if not overwrite_other_labels:
-        target &= current == 0
-    indices = np.nonzero(target)
-    if indices[0].size == 0:
-        return 0
+        target &= ~other
+    z, y, x = np.nonzero(target)
+    kept = 0 if overwrite_other_labels else int(other.sum())
+    if z.size == 0:
+        return 0, kept
     with labels.block_history():  # one history item: a single Ctrl-Z restores the labels exactly
-        labels.data_setitem(indices, label_id)
-    return int(indices[0].size)
+        labels.data_setitem((slice_indices[z], y, x), label_id)
+    return int(z.size), kept

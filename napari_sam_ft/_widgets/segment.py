@@ -21,7 +21,7 @@ from ._controls import NEW_LABELS_LAYER, build_controls, status_text
 from ._events import Hookups
 from ._layers import (NEGATIVE, POSITIVE, PREVIEW_VALUE, LayerVolume, commit_mask, current_slice_index,
                       key_masks_for_propagation, make_boxes_layer, make_points_layer, make_preview_layer,
-                      new_labels_layer, slice_prompts)
+                      new_labels_layer, slice_prompts, slices_with_content)
 from .session_panel import CHOICES_KEY
 from ..finetune.adapters import AdapterError
 from ._session import NO_ADAPTER, SegmentSession, SessionChoices
@@ -311,19 +311,20 @@ class SegmentWidget(QWidget):
         """Paint the preview into the labels layer as the chosen label id (key ``c``); Ctrl-Z undoes it."""
         if self.prompt_layers() is None:
             return
-        mask = np.asarray(self._preview.data) > 0
-        if not mask.any():
+        preview = np.asarray(self._preview.data)
+        slices = slices_with_content(preview)
+        if slices.size == 0:
             show_info("napari-sam-ft: the preview is empty; nothing to commit")
             return
         labels, label_id = self.target_labels_layer(), self.controls.label_spin.value()
         if labels is None:
             return
         try:
-            changed = commit_mask(labels, mask, label_id, self.controls.overwrite_check.isChecked())
+            changed, kept = commit_mask(labels, slices, preview[slices] > 0, label_id,
+                                        self.controls.overwrite_check.isChecked())
         except ValueError as error:
             show_error(f"napari-sam-ft: {error}")
             return
-        kept = int((mask & (np.asarray(labels.data) != label_id)).sum())
         note = f"; {kept} voxels of other labels kept (tick 'overwrite other labels' to replace them)" if kept else ""
         self.controls.task_label.setText(f"committed {changed} voxels as label {label_id} into {labels.name!r}{note}")
         self.clear_prompts()
