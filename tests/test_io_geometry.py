@@ -277,3 +277,10 @@ def test_any_label_crop_in_any_voxel_order_lands_where_nibabel_puts_it(tmp_path,
     expected = np.zeros(SHAPE_IJK, np.uint8)
     expected[tuple(image_voxels.astype(int).T)] = 1
     np.testing.assert_array_equal(image.to_file_order(read_labels(path, like=image).array), expected)
+
+
+def test_a_spacing_off_by_a_fraction_of_a_percent_is_refused_when_it_misplaces_voxels_across_the_grid():
+    target = np.diag([1.0, 1.0, 1.0, 1.0])
+    slightly_larger = np.diag([1.0008, 1.0, 1.0, 1.0])  # 0.08 %: 0.4 voxel off after 500 voxels
+    assert grid_alignment(slightly_larger, target, (8, 8, 8)) is not None
+    assert grid_alignment(slightly_larger, target, (500, 8, 8)) is None

@@ -198,11 +198,13 @@ class GridAlignment:
     offsets: tuple[int, int, int]
 
 
-def grid_alignment(source_affine, target_affine) -> GridAlignment | None:
+def grid_alignment(source_affine, target_affine, source_shape=(1, 1, 1)) -> GridAlignment | None:
     """The alignment of two voxel grids in one world, or None when their voxels are not one lattice.
 
-    One lattice: the source's voxel axes are the target's up to order and sign (same spacing, same directions)
-    and its voxel centres lie on the target's, within ``GRID_TOLERANCE_VOXELS``.
+    One lattice: the source's voxel axes are the target's up to order and sign, and every source voxel centre
+    lies on a target voxel centre within ``GRID_TOLERANCE_VOXELS`` (checked at the corners of a source grid of
+    ``source_shape``, so a spacing that differs by a fraction of a percent is refused when it adds up to a
+    misplaced voxel across the grid).
     """
     source_affine = np.asarray(source_affine, dtype=float)
     target_affine = np.asarray(target_affine, dtype=float)
@@ -210,17 +212,23 @@ def grid_alignment(source_affine, target_affine) -> GridAlignment | None:
         source_to_target = np.linalg.solve(target_affine, source_affine)
     except np.linalg.LinAlgError:
         return None
+    if not np.isfinite(source_to_target).all():
+        return None
     rotation = source_to_target[:3, :3]
     rounded = np.rint(rotation)
     is_signed_permutation = (np.abs(rounded).sum(axis=0) == 1).all() and (np.abs(rounded).sum(axis=1) == 1).all()
     if not is_signed_permutation or np.abs(rotation - rounded).max() > DIRECTION_TOLERANCE:
         return None
-    offsets = source_to_target[:3, 3]
-    if np.abs(offsets - np.rint(offsets)).max() > GRID_TOLERANCE_VOXELS:
+    corners = np.array([[i, j, k, 1.0] for i in (0, source_shape[0] - 1) for j in (0, source_shape[1] - 1)
+                        for k in (0, source_shape[2] - 1)])
+    mapped = corners @ source_to_target.T
+    exact = corners @ np.vstack([np.hstack([rounded, np.rint(source_to_target[:3, 3:])]), [0, 0, 0, 1]]).T
+    if np.abs(mapped - exact).max() > GRID_TOLERANCE_VOXELS:
         return None
+    offsets = np.rint(source_to_target[:3, 3])
     source_axes = tuple(int(np.flatnonzero(rounded[target_axis])[0]) for target_axis in range(3))
     signs = tuple(int(rounded[target_axis, source_axes[target_axis]]) for target_axis in range(3))
-    return GridAlignment(source_axes, signs, tuple(int(value) for value in np.rint(offsets)))  # type: ignore[arg-type]
+    return GridAlignment(source_axes, signs, tuple(int(value) for value in offsets))  # type: ignore[arg-type]
 
 
 def align_to_grid(data_ijk: np.ndarray, alignment: GridAlignment, target_shape) -> np.ndarray | None:

@@ -484,7 +484,7 @@ def label_ids(data: np.ndarray, path: Path) -> np.ndarray:
 
 def _on_image_grid(data_ijk: np.ndarray, affine: np.ndarray, like: Volume, path: Path) -> np.ndarray:
     """Label voxels (file order) moved onto ``like``'s displayed grid by world geometry, or a clear refusal."""
-    alignment = grid_alignment(affine, like.world_affine)
+    alignment = grid_alignment(affine, like.world_affine, data_ijk.shape)
     aligned = None if alignment is None else align_to_grid(data_ijk, alignment, like.shape)
     if aligned is None:
         image = like.source_path or "the image"
