@@ -83,7 +83,8 @@ def measure(scans: list, workers: int, folder: Path) -> dict:
     if len(failed):
         raise SystemExit(f"{len(failed)} scans failed: {list(failed['error'])}")
     tasks = float(table.attrs["wall_seconds"])
-    return {"workers": workers, "scans": len(table), "task_seconds": round(tasks, 1), "overall_seconds": round(overall, 1),
+    return {"workers": workers, "scans": len(table), "task_seconds": round(tasks, 1),
+            "overall_seconds": round(overall, 1),
             "scans_per_hour": round(3600 * len(table) / tasks, 1),
             "scans_per_hour_overall": round(3600 * len(table) / overall, 1),
             "mean_dice": round(float(table["dice"].astype(float).mean()), 4),
@@ -93,7 +94,7 @@ def measure(scans: list, workers: int, folder: Path) -> dict:
 def write_results(record: dict, output: Path) -> None:
     output.mkdir(parents=True, exist_ok=True)
     (output / "batch.json").write_text(json.dumps(record, indent=1) + "\n")
-    lines = [f"# Cohort throughput (`napari-sam-ft bench batch`)", "",
+    lines = ["# Cohort throughput (`napari-sam-ft bench batch`)", "",
              f"{record['date']}, {record['cpu']} ({record['cores']} cores), torch {record['torch']}; "
              f"{record['scans']} scans of {', '.join(record['cases'])}, {record['slices']} box-prompted slices each, "
              "`batch evaluate`, no embedding cache.", "",
@@ -139,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
               "torch": torch.__version__, "cases": names, "scans": len(scans), "slices": args.slices,
               "command": "napari-sam-ft bench batch -- " + " ".join(argv or []), "runs": runs,
               "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
-    print(f"{'workers':>7} {'scans':>5} {'task s':>7} {'scans/h':>8} {'scans/h (start-up)':>19} {'vs 1':>6} {'Dice':>6}")
+    print(f"{'workers':>7} {'scans':>5} {'task s':>7} {'scans/h':>8} {'scans/h (start-up)':>19} {'vs 1':>6} "
+          f"{'Dice':>6}")
     for run in runs:
         print(f"{run['workers']:>7} {run['scans']:>5} {run['task_seconds']:>7} {run['scans_per_hour']:>8} "
               f"{run['scans_per_hour_overall']:>19} {run['speedup']:>5.2f}x {run['mean_dice']:>6}")

@@ -11,7 +11,6 @@ from pathlib import Path
 
 from ..volume import VolumeError, file_format_of, strip_suffix
 
-MANIFEST_COLUMNS = ("image", "labels", "prompts", "slices")
 GLOB_CHARACTERS = set("*?[")
 
 

@@ -62,7 +62,8 @@ def add_cohort_options(parser, job: str) -> None:
                         help="file type of the masks (default nii.gz; always in the input's geometry)")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--scheduler", default=None, metavar="ADDRESS",
-                       help="an existing dask scheduler, e.g. tcp://host:8786 (workers must reach the scans and OUTDIR)")
+                       help="an existing dask scheduler, e.g. tcp://host:8786 (its workers must reach the scans "
+                       "and OUTDIR)")
     where.add_argument("--workers", type=int, default=None, metavar="N",
                        help="worker processes of the local cluster (default: one per core that memory allows, or "
                        "one per GPU)")
@@ -139,7 +140,8 @@ def run_batch(args) -> int:
     wall = table.attrs.get("wall_seconds", 0.0)
     ran = int((~table["resumed"].astype(bool)).sum())
     if ran and wall > 0:
-        summary += f"; {ran} scans in {wall:.1f} s = {3600 * ran / wall:.0f} scans/hour on {table.attrs['workers']} workers"
+        summary += (f"; {ran} scans in {wall:.1f} s = {3600 * ran / wall:.0f} scans/hour on "
+                    f"{table.attrs['workers']} workers")
     print(f"{summary}; results in {Path(args.output_dir) / 'results.csv'}")
     if failed:
         print(f"napari-sam-ft batch: {failed} scan{'s' if failed > 1 else ''} failed (status error in results.csv)",
