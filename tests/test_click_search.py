@@ -1,0 +1,96 @@
+"""Clicks with the box-trained LiteMedSAM: real forward passes on the sample CT and on ../shared/cases lung1."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from napari_sam_ft.engine.click_search import candidate_boxes, predict_object, uses_click_search
+from napari_sam_ft.engine.prompts import box_from_mask, interior_point
+from napari_sam_ft.metrics import dice
+
+CASES = Path(__file__).resolve().parents[1].parent / "shared" / "cases"
+SPLEEN, LIVER = 1, 5
+SLICE = 15
+CLICK_TO_BOX = 0.85  # issue 9: a single click reaches this share of the box Dice
+
+
+def _case(name: str) -> Path:
+    path = CASES / name
+    if not path.exists():
+        pytest.fail(f"{path} is missing: these tests read the real cases in ../shared/cases beside the repository")
+    return path
+
+
+def _click(mask: np.ndarray) -> np.ndarray:
+    return interior_point(mask)[None]
+
+
+def test_only_box_trained_models_search_boxes(ct_predictor):
+    from napari_sam_ft.models.registry import MODELS
+
+    assert uses_click_search(ct_predictor)  # LiteMedSAM
+    assert MODELS["medsam"].automatic_prompt == "box"
+    assert all(MODELS[name].automatic_prompt == "point" for name in ("vit_b", "vit_l", "vit_h", "mobilesam"))
+    boxes = candidate_boxes((50.0, 40.0), (101, 122))
+    assert boxes.shape[1] == 4 and (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+    assert boxes[:, [0, 1]].min() >= 0 and boxes[:, 2].max() <= 122 and boxes[:, 3].max() <= 101
+
+
+@pytest.mark.parametrize("class_id", [SPLEEN, LIVER])
+def test_one_click_on_an_organ_gives_its_mask(ct_predictor, ct_sample, class_id):
+    reference = ct_sample.labels.array[SLICE] == class_id
+    box_dice = dice(predict_object(ct_predictor, SLICE, None, None, box_from_mask(reference)).mask, reference)
+    click = predict_object(ct_predictor, SLICE, _click(reference), np.ones(1, np.int64))
+    assert dice(click.mask, reference) >= CLICK_TO_BOX * box_dice, (dice(click.mask, reference), box_dice)
+    assert dice(click.mask, reference) > 0.8
+
+
+def test_negative_click_removes_and_positive_click_adds(ct_predictor, ct_sample):
+    labels = ct_sample.labels.array[SLICE]
+    liver, spleen = labels == LIVER, labels == SPLEEN
+    liver_click, spleen_click = _click(liver), _click(spleen)
+    first = predict_object(ct_predictor, SLICE, liver_click, np.ones(1, np.int64)).mask
+    both = predict_object(ct_predictor, SLICE, np.concatenate([liver_click, spleen_click]), np.array([1, 1])).mask
+    assert dice(both, liver | spleen) > 0.8 and both.sum() > first.sum() * 1.1
+    # A negative click on the spleen removes the spleen the positive click there had added.
+    removed = predict_object(ct_predictor, SLICE, np.concatenate([liver_click, spleen_click, spleen_click + 0.1]),
+                             np.array([1, 1, 0])).mask
+    assert (removed & spleen).sum() < 0.2 * (both & spleen).sum()
+    assert dice(removed, liver) > 0.8
+    # A negative click on background, outside the mask, shrinks nothing inside it.
+    outside = np.argwhere(~ndilate(first))[0]
+    kept = predict_object(ct_predictor, SLICE, np.concatenate([liver_click, [[outside[1] + 0.5, outside[0] + 0.5]]]),
+                          np.array([1, 0])).mask
+    assert (first & ~kept).sum() == 0
+
+
+def ndilate(mask: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    return ndimage.binary_dilation(mask, iterations=3)
+
+
+def test_click_plus_box_is_as_good_as_the_box(ct_predictor, ct_sample):
+    reference = ct_sample.labels.array[SLICE] == SPLEEN
+    box = box_from_mask(reference)
+    box_only = dice(predict_object(ct_predictor, SLICE, None, None, box).mask, reference)
+    both = dice(predict_object(ct_predictor, SLICE, _click(reference), np.ones(1, np.int64), box).mask, reference)
+    assert both >= box_only - 0.02
+
+
+def test_one_click_on_the_lung1_lesion_reaches_the_box_target(litemedsam, shared_cache):
+    from napari_sam_ft.scan_jobs import predictor_for
+    from napari_sam_ft.volume import read_labels, read_volume
+
+    image = read_volume(_case("pyradiomics_lung1_ct.nrrd"))
+    labels = read_labels(_case("pyradiomics_lung1_label.nrrd"), like=image).array
+    predictor = predictor_for(litemedsam, image, "auto", shared_cache)
+    index = int(np.argmax((labels > 0).sum(axis=(1, 2))))
+    reference = labels[index] > 0
+    box_dice = dice(predict_object(predictor, index, None, None, box_from_mask(reference)).mask, reference)
+    click_dice = dice(predict_object(predictor, index, _click(reference), np.ones(1, np.int64)).mask, reference)
+    assert box_dice > 0.8
+    assert click_dice >= CLICK_TO_BOX * box_dice, (click_dice, box_dice)
