@@ -225,6 +225,11 @@ def test_scan_lists_manifests_and_resume_keys():
     assert key != CohortSettings(mode="evaluate").task_key(scan, {**identity, "adapter_id": "a1"})
     with pytest.raises(ValueError, match="unknown prompt mode"):
         CohortSettings(mode="evaluate", prompt="lasso").check()
+    from napari_sam_ft.batch.cohort import check_resources
+
+    check_resources({"tcp://a:1": {"resources": {"GPU": 1.0}}}, {"GPU": 1})
+    with pytest.raises(ValueError, match="no worker of the cluster offers the resources GPU=1"):
+        check_resources({"tcp://a:1": {"resources": {}}, "tcp://b:1": {}}, {"GPU": 1})
 
 
 def test_manifest_problems_get_one_clear_message(tmp_path, capsys):

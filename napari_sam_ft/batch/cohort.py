@@ -45,8 +45,10 @@ def default_worker_count() -> int:
 
 
 @contextlib.contextmanager
-def cohort_client(scheduler: str | None = None, workers: int | None = None, report: Report | None = None):
-    """A dask ``Client`` on ``scheduler``, or on a new LocalCluster of ``workers`` single-threaded processes."""
+def cohort_client(scheduler: str | None = None, workers: int | None = None, report: Report | None = None,
+                  resources: dict[str, float] | None = None):
+    """A dask ``Client`` on ``scheduler``, or on a new LocalCluster of ``workers`` single-threaded processes
+    (each offering ``resources``, so that tasks asking for them run there)."""
     from distributed import Client, LocalCluster
 
     say = report or (lambda _message: None)
@@ -62,7 +64,7 @@ def cohort_client(scheduler: str | None = None, workers: int | None = None, repo
         # Processes, one thread each: every scan gets its own interpreter (no GIL contention between scans),
         # and a crash or an out-of-memory kill costs one scan's progress, which dask then retries elsewhere.
         cluster = LocalCluster(n_workers=count, threads_per_worker=1, processes=True, silence_logs=logging.ERROR,
-                               dashboard_address=":0")
+                               dashboard_address=":0", resources=resources)
         client = Client(cluster, set_as_default=False)
         say(f"started a local dask cluster: {count} worker process{'es' if count > 1 else ''}, "
             f"{max(1, usable_cpus() // count)} torch thread{'s' if usable_cpus() // count > 1 else ''} each")
@@ -102,7 +104,8 @@ def run_cohort(scans: Iterable[Scan | str | os.PathLike], output_dir: str | os.P
     say = report or (lambda _message: None)
     with contextlib.ExitStack() as stack:
         if client is None:
-            client = stack.enter_context(cohort_client(scheduler, workers, say))
+            client = stack.enter_context(cohort_client(scheduler, workers, say, resources))
+        check_resources(client.scheduler_info()["workers"], resources)
         submit_options = {"pure": False, "resources": resources}
         identity = result_unless_cancelled(client.submit(describe_model, settings.model, **submit_options),
                                            should_cancel)
@@ -133,6 +136,19 @@ def run_cohort(scans: Iterable[Scan | str | os.PathLike], output_dir: str | os.P
     table = output.write_results(ordered, about)
     table.attrs.update(wall_seconds=wall_seconds, workers=workers_used, output_dir=str(output.root))
     return table
+
+
+def check_resources(worker_info: dict, resources: dict[str, float] | None) -> None:
+    """Refuse resources no worker has: the tasks would wait for such a worker for ever."""
+    if not resources:
+        return
+    for info in worker_info.values():
+        offered = info.get("resources") or {}
+        if all(offered.get(name, 0) >= amount for name, amount in resources.items()):
+            return
+    wanted = ",".join(f"{name}={amount:g}" for name, amount in resources.items())
+    raise ValueError(f"no worker of the cluster offers the resources {wanted}: start the workers with "
+                     f"dask worker ... --resources {wanted} (see docs/batch.md)")
 
 
 def result_unless_cancelled(future, should_cancel: Callable[[], bool] | None):
