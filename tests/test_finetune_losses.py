@@ -33,14 +33,20 @@ def test_multiclass_loss_matches_monai_and_has_gradients():
 
 
 def test_batch_loss_is_the_batch_dice_over_present_classes():
-    from napari_sam_ft.finetune.losses import batch_dice_ce
+    monai_losses = pytest.importorskip("monai.losses")
+    from napari_sam_ft.finetune.losses import batch_dice_ce, class_weights
 
     generator = torch.Generator().manual_seed(2)
     logits = torch.randn(2, 4, 16, 18, generator=generator, requires_grad=True)
     indices = torch.randint(0, 4, (2, 1, 16, 18), generator=generator)
-    # Every class present, slices of one size: exactly MONAI's batch Dice + CE (multiclass_dice_ce).
+    indices[:, :, :8] = 0  # background twice as common as the classes together
+    # Slices of one size: MONAI's batch Dice (without background) + cross-entropy with the class weights.
     together = batch_dice_ce(list(logits), list(indices[:, 0]))
-    assert together.item() == pytest.approx(multiclass_dice_ce(logits, indices).item(), rel=1e-5)
+    weights = class_weights(torch.bincount(indices.reshape(-1), minlength=4))
+    assert weights[0] == 1 and (weights[1:] > 1).all()
+    dice = monai_losses.DiceLoss(softmax=True, to_onehot_y=True, include_background=False, batch=True)(logits, indices)
+    cross_entropy = torch.nn.functional.cross_entropy(logits, indices[:, 0], weight=weights)
+    assert together.item() == pytest.approx((dice + cross_entropy).item(), rel=1e-5)
     together.backward()
     assert torch.isfinite(logits.grad).all()
     # A class absent from the batch costs nothing in the Dice term, however much probability it gets.

@@ -44,11 +44,13 @@ def batch_dice_ce(logits: list[torch.Tensor], class_indices: list[torch.Tensor])
     one (H_i, W_i) channel-index map per slice.
 
     Dice is one ratio per class over the whole batch, and only over the classes present in it; the
-    cross-entropy is the mean over every pixel. A class absent from a slice (the pallidum on a slice
+    cross-entropy is the mean over every pixel, weighted by ``class_weights``. A class absent from a slice (the pallidum on a slice
     through the hippocampus only) would otherwise give that slice a Dice loss of ~1 for any probability
     above 0, pushing a young head of small structures towards "nothing anywhere".
     """
     channels = logits[0].shape[0]
+    counts = sum(torch.bincount(indices.reshape(-1).long(), minlength=channels) for indices in class_indices)
+    weights = class_weights(counts).to(logits[0].dtype)
     intersection = logits[0].new_zeros(channels - 1)
     sizes = logits[0].new_zeros(channels - 1)
     present = torch.zeros(channels - 1, dtype=torch.bool, device=logits[0].device)
@@ -61,8 +63,24 @@ def batch_dice_ce(logits: list[torch.Tensor], class_indices: list[torch.Tensor])
         intersection = intersection + (probabilities * one_hot).sum((1, 2))
         sizes = sizes + probabilities.sum((1, 2)) + one_hot.sum((1, 2))
         present |= one_hot.sum((1, 2)) > 0
-        cross_entropy = cross_entropy + F.cross_entropy(slice_logits[None], indices[None], reduction="sum")
-        pixels += indices.numel()
+        cross_entropy = cross_entropy + F.cross_entropy(slice_logits[None], indices[None], weight=weights,
+                                                        reduction="sum")
+        pixels += float(weights[indices].sum())
     dice_loss = 1 - (2 * intersection + SMOOTH) / (sizes + SMOOTH)
     dice_term = dice_loss[present].mean() if bool(present.any()) else dice_loss.new_zeros(())
     return dice_term + cross_entropy / pixels
+
+
+# A class's cross-entropy weight grows as the square root of how much rarer it is than the background, up
+# to this: a structure of 100 pixels in a 20,000-pixel window weighs ~14x a background pixel.
+MAX_CLASS_WEIGHT = 20.0
+
+
+def class_weights(counts: torch.Tensor) -> torch.Tensor:
+    """(1 + K,) pixel counts (background first) -> cross-entropy weights: 1 for the background,
+    sqrt(background / class) for each class present (at most ``MAX_CLASS_WEIGHT``), 1 for absent ones."""
+    counts = counts.double()
+    weights = torch.sqrt(counts[0].clamp(min=1) / counts.clamp(min=1)).clamp(1.0, MAX_CLASS_WEIGHT)
+    weights[counts == 0] = 1.0
+    weights[0] = 1.0
+    return weights.float()
