@@ -122,7 +122,8 @@ def run_cohort(scans: Iterable[Scan | str | os.PathLike], output_dir: str | os.P
         if rows:
             say(f"{len(rows)} scan{'s' if len(rows) != 1 else ''} finished by an earlier run (skipped; --overwrite "
                 "redoes them)")
-        say(f"{len(todo)} scan{'s' if len(todo) != 1 else ''} to run on {len(worker_info)} workers")
+        say(f"{len(todo)} scan{'s' if len(todo) != 1 else ''} to run on {len(worker_info)} "
+            f"worker{'s' if len(worker_info) != 1 else ''}")
         started = time.perf_counter()
         options = WorkerOptions(threads_by_host(worker_info), cache_dir, disk_cache)
         rows.update(collect(client, todo, settings, output, keys, options, submit_options, progress, should_cancel,

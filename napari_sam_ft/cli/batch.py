@@ -140,8 +140,9 @@ def run_batch(args) -> int:
     wall = table.attrs.get("wall_seconds", 0.0)
     ran = int((~table["resumed"].astype(bool)).sum())
     if ran and wall > 0:
-        summary += (f"; {ran} scans in {wall:.1f} s = {3600 * ran / wall:.0f} scans/hour on "
-                    f"{table.attrs['workers']} workers")
+        workers = table.attrs["workers"]
+        summary += (f"; {ran} scan{'s' if ran != 1 else ''} in {wall:.1f} s = {3600 * ran / wall:.0f} scans/hour on "
+                    f"{workers} worker{'s' if workers != 1 else ''}")
     print(f"{summary}; results in {Path(args.output_dir) / 'results.csv'}")
     if failed:
         print(f"napari-sam-ft batch: {failed} scan{'s' if failed > 1 else ''} failed (status error in results.csv)",
@@ -153,7 +154,7 @@ def run_batch(args) -> int:
 def print_rows(table) -> None:
     for row in table.itertuples(index=False):
         if row.status != "ok":
-            outcome = f"error: {row.error}"
+            outcome = str(row.error)
         elif row.mode == "evaluate":
             outcome = f"dice {float(row.dice):.3f}"
         else:
