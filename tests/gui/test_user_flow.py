@@ -66,3 +66,17 @@ def test_lung1_nrrd_from_the_plugin_menu_in_a_fresh_process(tmp_path):
                            tmp_path)
     assert report["slice"] == 33
     check_report(report, min_box_dice=0.80, min_click_dice=0.85)
+
+
+def test_importing_triton_after_the_viewer_exists_fails_cleanly_instead_of_crashing():
+    # napari's OpenGL context first, then the plugin, then what torchvision/peft would import (the reported crash).
+    code = ("import napari\nviewer = napari.Viewer()\nimport napari_sam_ft\n"
+            "from napari_sam_ft._triton_guard import loaded_llvm_libraries\n"
+            "print('llvm loaded:', bool(loaded_llvm_libraries()))\n"
+            "try:\n    import triton\nexcept ImportError as error:\n    print('refused:', error)\n"
+            "import torchvision, peft\nviewer.close()\nprint('alive')\n")
+    finished = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=FLOW_TIMEOUT_S)
+    assert finished.returncode == 0, f"exit code {finished.returncode}; stderr:\n{finished.stderr[-4000:]}"
+    assert "alive" in finished.stdout
+    # Under Xvfb (Mesa's llvmpipe) the driver loads LLVM, and the guard refuses triton; other drivers let it import.
+    assert ("llvm loaded: True" in finished.stdout) == ("refused:" in finished.stdout)
