@@ -136,6 +136,24 @@ def test_autosave_writes_every_n_edits_in_the_background_and_is_removed_on_disca
     assert autosave_files(image_path) == []
 
 
+def test_a_background_autosave_takes_its_copy_off_the_calling_thread(scan):
+    import threading
+
+    image_path, _ = scan
+    labels = np.zeros((30, 101, 122), np.int32)
+    copied_on = []
+
+    def get_labels():
+        copied_on.append(threading.current_thread())
+        return labels
+
+    autosaver = Autosaver(image_path, get_labels, every_edits=1, background=True)
+    autosaver.record_edit()
+    autosaver.wait()
+    assert autosaver.saves == 1 and copied_on and threading.current_thread() not in copied_on
+    autosaver.discard()
+
+
 def test_two_layers_and_two_processes_autosaving_one_image_write_separate_files(scan, autosave_folder):
     image_path, _ = scan
     organs, lesions = np.zeros((30, 101, 122), np.uint8), np.zeros((30, 101, 122), np.uint8)
