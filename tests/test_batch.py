@@ -204,6 +204,48 @@ def test_segment_over_a_folder_and_auto_over_a_glob_write_the_single_scan_comman
     assert row["status"] == "ok" and int(row["objects"]) > 0 and mask[15].any() and not mask[14].any()
 
 
+@pytest.fixture(scope="module")
+def dicom_study(tmp_path_factory):
+    """A study folder: two patients' DICOM series of the sample CT (as a scanner writes it) and one NIfTI scan."""
+    import shutil
+
+    import nibabel as nib
+    from dicom_series import write_ct_series
+
+    ct, _ = sample_paths("ct")
+    study = tmp_path_factory.mktemp("study")
+    image = nib.load(str(ct))
+    hounsfield = np.asarray(image.dataobj)
+    flipped = np.ascontiguousarray(hounsfield[::-1, ::-1])  # columns to the patient's left, rows to posterior
+    affine = image.affine.copy()
+    affine[:3, 3] = (image.affine @ np.array([hounsfield.shape[0] - 1, hounsfield.shape[1] - 1, 0, 1.0]))[:3]
+    affine[:3, :2] *= -1
+    for patient in ("patient1", "patient2"):
+        (study / patient / "dicom").mkdir(parents=True)
+        write_ct_series(study / patient / "dicom", flipped, affine, description="sample CT")
+    (study / "notes.txt").write_text("not a scan")
+    shutil.copyfile(ct, study / ct.name)
+    return study
+
+
+def test_a_dicom_series_folder_is_one_scan_and_scores_what_the_nifti_scores(dicom_study, evaluated, cluster,
+                                                                            tmp_path):
+    from napari_sam_ft.batch import expand_inputs
+
+    ct, ct_labels = sample_paths("ct")
+    found = sorted(scan.image for scan in expand_inputs([dicom_study]))
+    series = [dicom_study / patient / "dicom" for patient in ("patient1", "patient2")]
+    assert found == sorted(str(path) for path in (*series, dicom_study / ct.name))
+    manifest = write_manifest(tmp_path / "dicom.csv", [{"image": dicom_study / "patient1" / "dicom",
+                                                        "labels": ct_labels, "slices": "14:16"}])
+    assert main(["batch", "evaluate", "--manifest", str(manifest), "-o", str(tmp_path / "out"),
+                 "--scheduler", cluster[0].scheduler_address]) == 0
+    (row,) = read_results(tmp_path / "out")
+    nifti = next(result for result in evaluated["results"] if result["image"] == str(ct))
+    assert row["status"] == "ok" and row["scan_id"] == "dicom"
+    assert float(row["dice"]) == pytest.approx(float(nifti["dice"]), abs=0.01)
+
+
 def test_scan_lists_manifests_and_resume_keys():
     """Inputs and ids without a cluster: folders, globs, clashing names, manifests, and what a resume trusts."""
     from napari_sam_ft.batch import CohortSettings, ModelChoice, Scan, expand_inputs, read_manifest, with_scan_ids

@@ -68,8 +68,7 @@ def _relative_to(folder: Path, value: str | None) -> str | None:
 def expand_inputs(inputs) -> list[Scan]:
     """Scans from file paths, folders and glob patterns, in the order given (each glob sorted).
 
-    A folder contributes the scan files in it and in its subfolders; a folder holding no scan files but
-    other files (a DICOM series) is one scan itself.
+    A folder contributes the scan files in it and in its subfolders; a folder holding DICOM files is one scan.
     """
     scans: list[Scan] = []
     for item in inputs:
@@ -88,25 +87,25 @@ def expand_inputs(inputs) -> list[Scan]:
     return scans
 
 
-def is_scan_file(path: Path) -> bool:
+def scan_format(path: Path) -> str | None:
+    """The format family of a file napari-sam-ft reads ("dicom" for one file of a series), or None."""
     try:
-        file_format_of(path)
+        return file_format_of(path)
     except VolumeError:
-        return False
-    return True
+        return None
 
 
 def _scans_under(path: Path) -> list[Path]:
+    """A path's scans: itself if it is a file (or missing: reading it gives the scan its error row); for a folder,
+    the folder itself when it holds DICOM files (one series, or several: the reader picks one), the scan files
+    in it, and the scans of its subfolders."""
     if not path.is_dir():
-        return [path]  # a file, or a missing path: reading it gives the scan its error row
-    entries = sorted(path.iterdir())
-    files = [entry for entry in entries if entry.is_file() and not entry.name.startswith(".")]
-    scan_files = [entry for entry in files if is_scan_file(entry)]
-    folders = [entry for entry in entries if entry.is_dir() and not entry.name.startswith(".")]
-    if files and not scan_files:
-        return [path]  # files but none with a scan suffix: a DICOM series
-    found = list(scan_files)
-    for folder in folders:
+        return [path]
+    entries = sorted(entry for entry in path.iterdir() if not entry.name.startswith("."))
+    formats = {entry: scan_format(entry) for entry in entries if entry.is_file()}
+    found = [path] if "dicom" in formats.values() else []
+    found += [entry for entry, kind in formats.items() if kind not in (None, "dicom")]
+    for folder in (entry for entry in entries if entry.is_dir()):
         found.extend(_scans_under(folder))
     return found
 
