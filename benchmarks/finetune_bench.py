@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -136,23 +136,16 @@ def whole_volume_seconds_per_slice(model, image, precision: str) -> float:
 
 
 # -- load -----------------------------------------------------------------------------------------
-def _spin() -> None:
-    value = 0
-    while True:
-        value = (value * 1103515245 + 12345) % 2**31
-
-
 class CompetingLoad:
     """One CPU-bound process beside the benchmark, as another program on a laptop."""
 
     def __enter__(self):
-        self.process = multiprocessing.get_context("spawn").Process(target=_spin, daemon=True)
-        self.process.start()
+        self.process = subprocess.Popen([sys.executable, "-c", "while True: pass"])
         return self
 
     def __exit__(self, *exc):
         self.process.terminate()
-        self.process.join()
+        self.process.wait()
 
 
 # -- rows -----------------------------------------------------------------------------------------
