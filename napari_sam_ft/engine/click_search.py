@@ -2,9 +2,10 @@
 
 LiteMedSAM and MedSAM were trained on boxes only; a point prompt gives them a few stray pixels. So a
 positive click searches boxes instead: square and oblong boxes of growing size centred on the click are
-decoded in one batched pass, and the smallest box whose mask contains the click and lies inside the box
-(not cut by its edges: the box holds the whole object) names the structure. A box fitted to that mask is
-decoded once more, as a tight box, which is how the models were trained.
+decoded in one batched pass; among the masks that hold the click and lie inside their box (not cut by its
+edges), the smallest box whose mask the next larger box repeats (the structure's size is reached) names
+the structure. The box fitted to that mask, with a margin, is then decoded again until the mask stops
+growing, as tight boxes are what the models were trained on.
 
 Several clicks combine at the mask level: every positive click adds the structure it lies on, and each
 negative click removes the structure it lies on (searched so that it holds no positive click). A box
@@ -34,10 +35,13 @@ class ClickSearchSettings:
     edge_gap: int = 1  # pixels between a mask and its box's edges for the box to hold the whole object
     # A structure is found when the next larger box (same shape) gives nearly the same mask (this IoU).
     scale_stability: float = 0.75
-    require_stable: bool = False
-    pick: str = "smallest"
-    refit_margin_fraction: float = 0.05  # the refitted box: the mask's box grown by this fraction of its size
-    refit_margin_pixels: float = 1.0  # plus this many pixels
+    # The refitted box: the mask's box grown by this fraction of its size plus some pixels, refitted until the
+    # mask changes less than ``refit_converged_iou`` (at most ``refit_rounds`` times): a click deep in a large
+    # organ first finds part of it, and each round shows the model more of the organ.
+    refit_margin_fraction: float = 0.15
+    refit_margin_pixels: float = 1.0
+    refit_rounds: int = 4
+    refit_converged_iou: float = 0.9
 
 
 DEFAULT_SETTINGS = ClickSearchSettings()
@@ -121,12 +125,6 @@ def search_click(predictor: VolumePredictor, slice_index: int, click_xy, avoid_x
         stable = chosen[_scale_stable(masks, chosen, len(settings.aspect_ratios), settings.scale_stability)]
         if len(stable):
             chosen = stable
-        elif settings.require_stable:
-            return None
-        if settings.pick == "score":
-            best = int(chosen[torch.argmax(scores[chosen, 0])])
-            return _refit(predictor, slice_index, masks[best].numpy(), float(scores[best, 0]), (row, col), avoid_xy,
-                          settings)
         smallest_side = int(chosen[0]) // len(settings.aspect_ratios)
         same_size = chosen[chosen // len(settings.aspect_ratios) == smallest_side]
         best = int(same_size[torch.argmax(scores[same_size, 0])])
@@ -135,17 +133,25 @@ def search_click(predictor: VolumePredictor, slice_index: int, click_xy, avoid_x
 
 def _refit(predictor: VolumePredictor, slice_index: int, mask: np.ndarray, score: float, click_pixel,
            avoid_xy, settings: ClickSearchSettings) -> Prediction:
-    """Decode the box fitted to ``mask`` (the model's own kind of prompt); keep it if it still holds the click."""
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    margin = settings.refit_margin_pixels + settings.refit_margin_fraction * max(rows[-1] - rows[0], cols[-1] - cols[0])
-    box = box_from_mask(mask, margin=margin)
-    refitted = predictor.predict(box=box, slice_index=slice_index)
+    """Grow the found mask to the whole structure: decode the box fitted to the mask (plus a margin, so a part
+    of an organ shows the model more of it) until the mask stops changing, still holds the click and holds
+    none of ``avoid_xy``."""
     shape = predictor.slice_shape
-    holds_avoided = any(refitted.mask[_pixel(point, shape)] for point in avoid_xy)
-    if refitted.mask[click_pixel] and not holds_avoided:
-        return refitted
-    low_res = predictor.predict(box=box_from_mask(mask), slice_index=slice_index).low_res_logits
-    return Prediction(mask, score, low_res)
+    current = Prediction(mask, score, None)
+    for _ in range(settings.refit_rounds):
+        rows, cols = np.flatnonzero(current.mask.any(axis=1)), np.flatnonzero(current.mask.any(axis=0))
+        margin = settings.refit_margin_pixels + settings.refit_margin_fraction * max(rows[-1] - rows[0],
+                                                                                    cols[-1] - cols[0])
+        refitted = predictor.predict(box=box_from_mask(current.mask, margin=margin), slice_index=slice_index)
+        if not refitted.mask[click_pixel] or any(refitted.mask[_pixel(point, shape)] for point in avoid_xy):
+            break
+        overlap = (refitted.mask & current.mask).sum() / max((refitted.mask | current.mask).sum(), 1)
+        current = refitted
+        if overlap >= settings.refit_converged_iou:
+            break
+    if current.low_res_logits is None:
+        current = Prediction(mask, score, predictor.predict(box=box_from_mask(mask), slice_index=slice_index).low_res_logits)
+    return current
 
 
 def _component_holding(mask: np.ndarray, pixels) -> np.ndarray:
