@@ -147,7 +147,9 @@ def test_lora_run_tunes_the_encoder_and_the_engine_reproduces_its_validation(mod
         # The head trained on the window around the annotations; outside its slice range nothing is encoded.
         assert info.metadata["cropped"]
         view = info.metadata["fields_of_view"][0]
-        assert view["volume_shape"] == list(ct.image.shape) and view["rows"][1] - view["rows"][0] < ct.image.shape[1]
+        side = view["cols"][1] - view["cols"][0]
+        assert view["volume_shape"] == list(ct.image.shape) and view["rows"][1] - view["rows"][0] == side
+        assert side < ct.image.shape[2]  # a square window, narrower than the slice
         from napari_sam_ft.engine.automatic import segment_volume
 
         predictor = VolumePredictor(model, ct.image)
