@@ -55,7 +55,7 @@ def cohort_client(scheduler: str | None = None, workers: int | None = None, repo
     cluster = None
     if scheduler:
         client = Client(scheduler, set_as_default=False)
-        say(f"connected to the dask scheduler at {scheduler} ({len(client.scheduler_info()['workers'])} workers)")
+        say(f"connected to the dask scheduler at {scheduler} ({len(cluster_workers(client))} workers)")
         dashboard = client.dashboard_link if "dashboard" in client.scheduler_info().get("services", {}) else None
     else:
         count = workers or default_worker_count()
@@ -105,7 +105,7 @@ def run_cohort(scans: Iterable[Scan | str | os.PathLike], output_dir: str | os.P
     with contextlib.ExitStack() as stack:
         if client is None:
             client = stack.enter_context(cohort_client(scheduler, workers, say, resources))
-        check_resources(client.scheduler_info()["workers"], resources)
+        check_resources(cluster_workers(client), resources)
         submit_options = {"pure": False, "resources": resources}
         identity = result_unless_cancelled(client.submit(describe_model, settings.model, **submit_options),
                                            should_cancel)
@@ -118,7 +118,7 @@ def run_cohort(scans: Iterable[Scan | str | os.PathLike], output_dir: str | os.P
                 if finished is not None:
                     rows[scan.scan_id] = {**finished, "resumed": True}
         todo = [scan for scan in scans if scan.scan_id not in rows]
-        worker_info = client.scheduler_info()["workers"]
+        worker_info = cluster_workers(client)
         if rows:
             say(f"{len(rows)} scan{'s' if len(rows) != 1 else ''} finished by an earlier run (skipped; --overwrite "
                 "redoes them)")
@@ -129,7 +129,7 @@ def run_cohort(scans: Iterable[Scan | str | os.PathLike], output_dir: str | os.P
         rows.update(collect(client, todo, settings, output, keys, options, submit_options, progress, should_cancel,
                             done_before=len(rows), total=len(scans)))
         wall_seconds = time.perf_counter() - started
-        workers_used = len(client.scheduler_info()["workers"])
+        workers_used = len(cluster_workers(client))
     output.remove_staging()
     ordered = [rows[scan.scan_id] for scan in scans]
     about = {"settings": asdict(settings), "model": identity, "wall_seconds": round(wall_seconds, 2),
@@ -137,6 +137,14 @@ def run_cohort(scans: Iterable[Scan | str | os.PathLike], output_dir: str | os.P
     table = output.write_results(ordered, about)
     table.attrs.update(wall_seconds=wall_seconds, workers=workers_used, output_dir=str(output.root))
     return table
+
+
+def cluster_workers(client) -> dict:
+    """{address: info} of every worker (recent distributed lists only the first few unless asked for all)."""
+    try:
+        return client.scheduler_info(n_workers=-1)["workers"]
+    except TypeError:  # distributed before 2025: always all of them
+        return client.scheduler_info()["workers"]
 
 
 def check_resources(worker_info: dict, resources: dict[str, float] | None) -> None:
