@@ -129,11 +129,15 @@ class LayerVolume:
 
 def key_masks_for_propagation(preview: np.ndarray, points: Points, boxes: Shapes, current_slice: int,
                               committed_slice: np.ndarray | None) -> dict[int, np.ndarray]:
-    """Preview masks on prompted slices; else the preview, or else the committed label, on the current slice."""
-    preview = np.asarray(preview) > 0
-    keys = {z: preview[z].copy() for z in prompted_slices(points, boxes) if preview[z].any()}
-    if not keys and preview[current_slice].any():
-        keys = {current_slice: preview[current_slice].copy()}
+    """Preview masks on prompted slices; else the preview, or else the committed label, on the current slice.
+
+    Only those slices of the preview are read (a large scan's whole preview is never compared on the GUI thread).
+    """
+    preview = np.asarray(preview)
+    masks = {z: preview[z] > 0 for z in prompted_slices(points, boxes) if 0 <= z < preview.shape[0]}
+    keys = {z: mask for z, mask in masks.items() if mask.any()}
+    if not keys and (preview[current_slice] > 0).any():
+        keys = {current_slice: preview[current_slice] > 0}
     if not keys and committed_slice is not None and committed_slice.any():
         keys = {current_slice: np.asarray(committed_slice, dtype=bool)}
     return keys

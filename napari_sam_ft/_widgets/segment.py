@@ -375,7 +375,10 @@ class SegmentWidget(QWidget):
         slice_range = None if reach == 0 else (max(0, min(key_masks) - reach), min(last, max(key_masks) + reach))
 
         def show(result: np.ndarray) -> None:
-            self._preview.data[:] = result.astype(np.uint8) * PREVIEW_VALUE
+            # Written slice by slice where the result holds the object: quick on large scans.
+            filled = slices_with_content(result)
+            self._preview.data[:] = 0
+            self._preview.data[filled] = result[filled].astype(np.uint8) * PREVIEW_VALUE
             self._preview.refresh()
 
         self._run("propagate", propagation(key_masks, stop_iou, slice_range), show)
