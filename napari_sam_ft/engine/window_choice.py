@@ -3,7 +3,7 @@
 One window per scan loses somewhere: a soft-tissue window (W 400 / L 40) is best for abdominal organs but
 flattens a lung lesion and the lungs themselves into black, and a wide window washes out the organs.
 Measured on ../shared/cases and the sample with box prompts (``napari-sam-ft bench cases``): a box that
-holds air (below -400 HU) is segmented best in a wide window (-1050..550 HU, about the 0.5-99.5 %
+holds air (over 15 % below -400 HU) is segmented best in a wide window (-1050..550 HU, about the 0.5-99.5 %
 percentiles of a chest CT), any other box in the soft-tissue window. The embedding cache is keyed by
 window, so each slice is encoded once per window it is used with.
 
@@ -22,7 +22,8 @@ from ..io.windowing import CT_WINDOW_PRESETS, Window, looks_like_ct
 from .predictor import VolumePredictor
 
 AIR_HU = -400.0  # below this a pixel is air or lung
-AIR_FRACTION = 0.02  # a box with more air than this is segmented in the wide window
+AIR_FRACTION = 0.15  # a box with more air than this is segmented in the wide window (a liver box at the
+# body's edge holds up to 11 % air outside the body; boxes around lung lesions hold 18-26 % lung)
 WIDE_CT_WINDOW = Window(-1050.0, 550.0, "wide")
 SOFT_TISSUE_LEVEL, SOFT_TISSUE_WIDTH = CT_WINDOW_PRESETS["soft_tissue"]
 SOFT_TISSUE_WINDOW = Window(SOFT_TISSUE_LEVEL - SOFT_TISSUE_WIDTH / 2, SOFT_TISSUE_LEVEL + SOFT_TISSUE_WIDTH / 2,
