@@ -44,10 +44,16 @@ def run_user_flow(image: Path, labels: Path, label_id: int, slice_index: int | N
     return report
 
 
+def manifest_widget_titles() -> list[str]:
+    """The dock titles of every widget napari.yaml contributes ("Segment (SAM fine-tune for 3D CT and MRI)", ...)."""
+    from npe2 import PluginManifest
+
+    manifest = PluginManifest.from_distribution("napari-sam-ft")
+    return sorted(f"{widget.display_name} ({manifest.display_name})" for widget in manifest.contributions.widgets)
+
+
 def check_report(report: dict, min_box_dice: float, min_click_dice: float) -> None:
-    assert report["docked"] == sorted(["Segment (SAM fine-tune for 3D CT and MRI)",
-                                       "Fine-tune (SAM fine-tune for 3D CT and MRI)",
-                                       "Session (SAM fine-tune for 3D CT and MRI)"])
+    assert len(report["docked"]) >= 3 and report["docked"] == manifest_widget_titles()
     assert report["box_dice"] >= min_box_dice
     assert report["click_dice"] >= min_click_dice
     assert report["click_to_preview_ms"] > 0
@@ -60,12 +66,12 @@ def test_sample_ct_from_the_plugin_menu_in_a_fresh_process(tmp_path):
 
 
 def test_lung1_nrrd_from_the_plugin_menu_in_a_fresh_process(tmp_path):
-    # The lesion's largest slice (33): zero-shot LiteMedSAM gives 0.83 from the tight box alone (0.88 on slice 32),
-    # and the refining click inside the lesion brings it to 0.91.
+    # The lesion's largest slice (33). Its box holds lung air, so the widget segments it in a wide CT window
+    # (engine.click_search); in the soft-tissue window the tight box alone gives 0.83.
     report = run_user_flow(CASES / "pyradiomics_lung1_ct.nrrd", CASES / "pyradiomics_lung1_label.nrrd", 1, None,
                            tmp_path)
     assert report["slice"] == 33
-    check_report(report, min_box_dice=0.80, min_click_dice=0.85)
+    check_report(report, min_box_dice=0.85, min_click_dice=0.85)
 
 
 def test_importing_triton_after_the_viewer_exists_fails_cleanly_instead_of_crashing():

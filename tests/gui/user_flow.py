@@ -16,7 +16,6 @@ import sys
 import time
 
 PLUGIN_MENU_TITLE = "SAM fine-tune for 3D CT and MRI"  # napari.yaml display_name
-WIDGET_TITLES = ("Segment", "Fine-tune", "Session")
 ENCODE_TIMEOUT_S = 240.0
 
 
@@ -52,8 +51,8 @@ def main(image_path: str, labels_path: str, label_id: int, slice_index: int | No
     app.processEvents()
 
     actions = plugin_menu_actions(viewer)
-    for title in WIDGET_TITLES:
-        actions[title].trigger()
+    for action in actions.values():  # every widget the plugin contributes, as the user clicks them
+        action.trigger()
         app.processEvents()
     docked = sorted(viewer.window.dock_widgets.keys())
 
