@@ -17,8 +17,9 @@ def test_propagation_reaches_the_box_target_and_reports_where_it_stopped(ct_pred
     from napari_sam_ft.evaluate import evaluate
 
     labels = ct_sample.labels.array
-    box, _ = evaluate(ct_predictor, labels, "box", (SLICES[0], SLICES[1] - 1), [SPLEEN, LIVER], with_hd95=False)
-    grown, prediction = evaluate(ct_predictor, labels, "propagate", (SLICES[0], SLICES[1] - 1), [SPLEEN, LIVER],
+    names = ct_sample.class_names
+    box, _ = evaluate(ct_predictor, labels, "box", (SLICES[0], SLICES[1] - 1), [SPLEEN, LIVER], names, with_hd95=False)
+    grown, prediction = evaluate(ct_predictor, labels, "propagate", (SLICES[0], SLICES[1] - 1), [SPLEEN, LIVER], names,
                                  with_hd95=False)
     for name in ("spleen", "liver"):
         entry = grown["per_class"][name]

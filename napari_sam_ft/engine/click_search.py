@@ -184,20 +184,22 @@ def predict_clicks(predictor: VolumePredictor, slice_index: int, points_xy: np.n
     for click in positives:
         if mask[_pixel(click, shape)]:
             continue
-        found = search_click(predictor, slice_index, click, avoid_xy=negatives, settings=settings)
+        found = search_click(predictor, slice_index, click, settings=settings)
         if found is None:
             continue
         if not mask.any():
             score, low_res = found.score, found.low_res_logits
         mask |= found.mask
-    for click in negatives:
+    removed_any = False
+    for click in negatives:  # a negative click outside the mask changes nothing
         if not mask[_pixel(click, shape)]:
             continue
         found = search_click(predictor, slice_index, click, avoid_xy=positives, settings=settings)
         removed = found.mask if found is not None else np.zeros(shape, bool)
         removed[_pixel(click, shape)] = True
         mask &= ~removed
-    if len(negatives) and mask.any():
+        removed_any = True
+    if removed_any and mask.any():  # what a removal cut off from every positive click goes too
         anchors = [_pixel(click, shape) for click in positives]
         if box is not None:
             inside = np.zeros(shape, bool)

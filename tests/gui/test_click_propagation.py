@@ -1,0 +1,37 @@
+"""One click on an organ in a real viewer, with the box-trained LiteMedSAM: the preview is the organ."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from napari_sam_ft.engine.prompts import interior_point, point_to_napari_zyx
+from napari_sam_ft.metrics import dice
+
+from .helpers import LIVER, SLICE
+from .test_segment_widget import WORKER_TIMEOUT_MS, click, reference
+
+pytestmark = pytest.mark.gui
+
+
+def test_one_click_on_the_liver_previews_the_liver_and_a_negative_click_outside_shrinks_nothing(segment_widget,
+                                                                                              qtbot):
+    viewer = segment_widget._viewer
+    points, _boxes, preview = segment_widget.prompt_layers()
+    liver = reference(viewer, LIVER)
+    click(points, tuple(point_to_napari_zyx(SLICE, interior_point(liver))))
+    qtbot.waitUntil(lambda: segment_widget.idle and (np.asarray(preview.data[SLICE]) > 0).any(),
+                    timeout=WORKER_TIMEOUT_MS)
+    first = np.asarray(preview.data[SLICE]) > 0
+    assert dice(first, liver) >= 0.8, dice(first, liver)
+    assert "window" in segment_widget.controls.status_label.text()
+
+    # Shift-click on body tissue well away from the mask: a negative click outside removes nothing inside.
+    body = np.asarray(viewer.layers["sample CT"].data[SLICE]) > -300
+    away = np.argwhere(body & ~ndimage.binary_dilation(first, iterations=5))
+    row, col = away[len(away) // 2]
+    click(points, (SLICE, float(row), float(col)), modifiers=["Shift"])
+    qtbot.waitUntil(lambda: segment_widget.idle, timeout=WORKER_TIMEOUT_MS)
+    after = np.asarray(preview.data[SLICE]) > 0
+    assert not (first & ~after).any()
