@@ -1,12 +1,17 @@
 """``napari-sam-ft bench NAME``: run one of the scripts in the repository's ``benchmarks/`` folder.
 
-The benchmarks print tables and assert nothing; they live beside the tests, in the source checkout.
+The benchmarks print tables and assert nothing; they live beside the tests, in the source checkout. Those that
+do not write their own record (``cases``, ``finetune`` and ``batch`` do) have their printed output kept in
+``docs/results/NAME.md`` with the date, CPU and command, so every figure the docs quote comes from a file a
+command wrote.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import io
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 BENCHMARKS = {
@@ -45,4 +50,55 @@ def run_bench(args) -> int:
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
-    return int(module.main(list(args.options)) or 0)
+    if args.name in WRITE_THEIR_OWN_RESULTS:
+        return int(module.main(list(args.options)) or 0)
+    printed = _Tee(sys.stdout)
+    sys.stdout = printed
+    try:
+        status = int(module.main(list(args.options)) or 0)
+    finally:
+        sys.stdout = printed.console
+    if status == 0:
+        print(f"wrote {record_output(args.name, list(args.options), printed.text())}")
+    return status
+
+
+# Benchmarks that write their own tables under docs/results/.
+WRITE_THEIR_OWN_RESULTS = ("cases", "finetune", "batch")
+
+
+class _Tee(io.TextIOBase):
+    """Writes to the console and keeps a copy of the text."""
+
+    def __init__(self, console):
+        self.console = console
+        self.kept = io.StringIO()
+
+    def write(self, text: str) -> int:
+        self.console.write(text)
+        return self.kept.write(text)
+
+    def flush(self) -> None:
+        self.console.flush()
+
+    def text(self) -> str:
+        return self.kept.getvalue()
+
+
+def record_output(name: str, options: list[str], printed: str) -> Path:
+    """Keep a benchmark's printed output in ``docs/results/NAME.md`` with the date, machine and command."""
+    import platform
+
+    import torch
+
+    from ..devices import cpu_has_native_bf16, cpu_model_name
+
+    results = benchmarks_dir().parent / "docs" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    machine = (f"{cpu_model_name()} ({'native bf16' if cpu_has_native_bf16() else 'no native bf16'}), "
+               f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, Python {platform.python_version()}")
+    command = " ".join(["napari-sam-ft bench", name, *(["--", *options] if options else [])])
+    path = results / f"{name}.md"
+    path.write_text(f"# `{command}`\n\n{date}; {machine}.\n\n```\n{printed.rstrip()}\n```\n")
+    return path
