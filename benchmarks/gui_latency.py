@@ -54,6 +54,10 @@ def clicks(widget, app, positions, between_s: float = 0.0) -> dict[str, list[flo
         started = time.perf_counter()
         points.add([position])
         app.processEvents()
+        while widget.searching_click:  # a click without a box on a box-trained model is searched in a worker
+            app.processEvents()
+            time.sleep(0.001)
+        app.processEvents()
         measured["repainted"].append((time.perf_counter() - started) * 1000.0)
         measured["widget"].append(widget.last_click_to_preview_ms)
         measured["decoder"].append(widget.predictor.last_decode_ms)

@@ -15,7 +15,7 @@ from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QWidget
 
-from ..engine.click_search import predict_object
+from ..engine.click_search import predict_object, uses_click_search
 from ..engine.predictor import VolumePredictor
 from ..engine.window_choice import windows_used
 from ..volume import Volume
@@ -51,6 +51,10 @@ class SegmentWidget(QWidget):
         self._points = self._boxes = self._preview = None
         self._slice_task: BackgroundTask | None = None  # encodes a clicked slice, then segments it
         self._pending_slice: int | None = None
+        # Clicks without a box on a box-trained model search candidate boxes (about a second on a CPU): that
+        # runs in a worker, one search at a time; a prompt made meanwhile is segmented when it ends.
+        self._click_task: BackgroundTask | None = None
+        self._click_pending: tuple[int, float] | None = None
         self._adapter_change_pending = False  # applied once the work started with the previous adapter has ended
         self._muted = False  # True while the widget itself edits the prompt layers
         self.last_click_to_preview_ms = float("nan")
@@ -98,7 +102,12 @@ class SegmentWidget(QWidget):
     @property
     def idle(self) -> bool:
         """No background work running (tests and scripts wait for this)."""
-        return not self.tasks.busy and self._slice_task is None
+        return not self.tasks.busy and self._slice_task is None and self._click_task is None
+
+    @property
+    def searching_click(self) -> bool:
+        """A click's box search is running in its worker (its preview comes when it ends)."""
+        return self._click_task is not None
 
     def set_adapter(self, adapter_dir: str | None) -> None:
         """Use the LoRA adapter saved in ``adapter_dir`` (None or "none": the base model); for the fine-tune panel."""
@@ -250,6 +259,12 @@ class SegmentWidget(QWidget):
         if predictor is None or not predictor.is_encoded(z):
             self._encode_then_segment(z)
             return
+        if self._click_task is not None:  # the decoder is busy with a search: this prompt goes next
+            self._click_pending = (z, started)
+            return
+        if prompts.box_xyxy is None and uses_click_search(predictor):
+            self._search_clicks_in_worker(predictor, z, prompts, started)
+            return
         # One point is ambiguous (part or whole?): let SAM pick the best of its three masks.
         try:
             with torch_threads(self.decode_threads):  # clicks as boxes for box-trained models, window per prompt
@@ -260,6 +275,31 @@ class SegmentWidget(QWidget):
         self._show_preview_slice(z, prediction.mask)
         self.last_click_to_preview_ms = (time.perf_counter() - started) * 1000.0
         self._update_status()
+
+    def _search_clicks_in_worker(self, predictor: VolumePredictor, z: int, prompts, started: float) -> None:
+        """Segment clicks without a box off the GUI thread (the box search of a box-trained model)."""
+        threads = self.decode_threads
+
+        def work(progress, should_cancel):
+            with torch_threads(threads):
+                return predict_object(predictor, z, prompts.points_xy, prompts.point_labels, prompts.box_xyxy)
+
+        def done(outcome: TaskOutcome) -> None:
+            self._click_task = None
+            pending, self._click_pending = self._click_pending, None
+            if pending is not None:  # newer prompts came in meanwhile: they decide the preview
+                self._segment_prompted_slice(*pending)
+                return
+            if outcome.error is not None:
+                report_error(self.controls, f"segmenting slice {z}", outcome.error)
+            elif outcome.succeeded and self._preview is not None:
+                self._show_preview_slice(z, outcome.value.mask)
+                self.last_click_to_preview_ms = (time.perf_counter() - started) * 1000.0
+            self._update_status()
+            self._apply_pending_adapter()
+
+        self.controls.task_label.setText(f"searching the structure under the click on slice {z}…")
+        self._click_task = BackgroundTask(f"click search on slice {z}", work, done).start()
 
     def _encode_then_segment(self, z: int) -> None:
         """Encode slice ``z`` in a worker (loading the model first if needed), then segment it."""
@@ -423,7 +463,7 @@ class SegmentWidget(QWidget):
         self._apply_pending_adapter()
 
     def _cancel_background_work(self) -> None:
-        for task in (self.tasks.task, self._slice_task):
+        for task in (self.tasks.task, self._slice_task, self._click_task):
             if task is not None:
                 task.cancel()
 
