@@ -17,7 +17,7 @@ from qtpy.QtWidgets import QWidget
 
 from ..engine.click_search import predict_object, uses_click_search
 from ..engine.predictor import VolumePredictor
-from ..engine.window_choice import windows_used
+from ..engine.window_choice import predictor_for_box, windows_used
 from ..volume import Volume
 from ._controls import NEW_LABELS_LAYER, build_controls, status_text
 from ._events import Hookups
@@ -262,7 +262,10 @@ class SegmentWidget(QWidget):
         if self._click_task is not None:  # the decoder is busy with a search: this prompt goes next
             self._click_pending = (z, started)
             return
-        if prompts.box_xyxy is None and uses_click_search(predictor):
+        # A click's box search, or a box whose window (chosen from under it) has not encoded this slice yet,
+        # takes a second or so: it runs in a worker.
+        needs_encoding = not predictor_for_box(predictor, z, prompts.box_xyxy).is_encoded(z)
+        if needs_encoding or (prompts.box_xyxy is None and uses_click_search(predictor)):
             self._search_clicks_in_worker(predictor, z, prompts, started)
             return
         # One point is ambiguous (part or whole?): let SAM pick the best of its three masks.
@@ -277,7 +280,8 @@ class SegmentWidget(QWidget):
         self._update_status()
 
     def _search_clicks_in_worker(self, predictor: VolumePredictor, z: int, prompts, started: float) -> None:
-        """Segment clicks without a box off the GUI thread (the box search of a box-trained model)."""
+        """Segment a slow prompt off the GUI thread: clicks without a box on a box-trained model (their box
+        search), or a prompt whose window still has to encode the slice."""
         threads = self.decode_threads
 
         def work(progress, should_cancel):
