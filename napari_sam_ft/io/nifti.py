@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import VolumeError
+from .errors import MAX_COMPRESSION_EXPANSION, VolumeError, refuse_oversized_header
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 MGZ_SUFFIXES = (".mgz", ".mgh")
@@ -43,21 +43,16 @@ def _decompressed_copy(path: Path, header) -> Path | None:
     return decompressed.decompressed_copy(path, uncompressed_suffix)
 
 
-# Deflate expands at most ~1032:1, so a .nii.gz cannot hold more voxel bytes than this many times its size.
-MAX_GZIP_EXPANSION = 1100
+# Kept under its old name: napari_sam_ft.volume re-exports it.
+MAX_GZIP_EXPANSION = MAX_COMPRESSION_EXPANSION
 
 
 def _check_declared_size(path: Path, header) -> None:
-    """Refuse a header that declares more voxel data than the file can hold (a damaged or truncated file),
-    before anything tries to allocate or decompress that much."""
+    """Refuse a header that declares more voxel data than the file can hold, before anything reads it."""
     shape = tuple(int(size) for size in header.get_data_shape())
     declared = int(np.prod(shape, dtype=object)) * header.get_data_dtype().itemsize
-    expansion = MAX_GZIP_EXPANSION if path.name.lower().endswith((".gz", ".mgz")) else 1
-    available = path.stat().st_size * expansion
-    if declared > available:
-        raise VolumeError(f"{path}: the header declares {shape} voxels of {header.get_data_dtype()} "
-                          f"({declared / 2**20:.1f} MiB) but the file can hold at most {available / 2**20:.1f} MiB; "
-                          "it is truncated or its header is damaged")
+    expansion = MAX_COMPRESSION_EXPANSION if path.name.lower().endswith((".gz", ".mgz")) else 1
+    refuse_oversized_header(path, shape, header.get_data_dtype(), declared, path.stat().st_size * expansion)
 
 
 def _scaled(raw: np.ndarray, slope: float, inter: float) -> np.ndarray:

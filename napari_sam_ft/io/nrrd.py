@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import VolumeError
+from .errors import MAX_COMPRESSION_EXPANSION, VolumeError, refuse_oversized_header
 from .geometry import LPS_TO_RAS
 
 NRRD_SUFFIXES = (".nrrd", ".nhdr")
@@ -52,8 +52,6 @@ NRRD_TYPE_BYTES = {**dict.fromkeys(("signed char", "int8", "int8_t", "uchar", "u
                    **dict.fromkeys(("longlong", "long long", "long long int", "signed long long",
                                     "signed long long int", "int64", "int64_t", "ulonglong", "unsigned long long",
                                     "unsigned long long int", "uint64", "uint64_t", "double"), 8)}
-# Deflate and bzip2 expand at most ~1032:1; a compressed NRRD cannot hold more voxel bytes than this times its size.
-MAX_COMPRESSION = 1100
 
 
 def _check_declared_size(path: Path, header: dict) -> None:
@@ -67,11 +65,8 @@ def _check_declared_size(path: Path, header: dict) -> None:
     stored = path.parent / str(data_file) if data_file else path
     if encoding in ("text", "txt", "ascii") or not stored.is_file():
         return  # numbers as text, or data in several files: pynrrd's own checks apply
-    available = stored.stat().st_size * (1 if encoding == "raw" else MAX_COMPRESSION)
-    if declared > available:
-        raise VolumeError(f"{path}: the header declares {tuple(sizes)} voxels of {header.get('type')} "
-                          f"({declared / 2**20:.1f} MiB) but the data can hold at most {available / 2**20:.1f} MiB; "
-                          "it is truncated or its header is damaged")
+    available = stored.stat().st_size * (1 if encoding == "raw" else MAX_COMPRESSION_EXPANSION)
+    refuse_oversized_header(path, sizes, header.get("type"), declared, available)
 
 
 def _spatial_axes(header: dict, ndim: int, path: Path) -> list[int]:
