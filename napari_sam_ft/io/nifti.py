@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import MAX_COMPRESSION_EXPANSION, VolumeError, refuse_oversized_header
+from .errors import MAX_COMPRESSION_EXPANSION, refuse_oversized_header
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 MGZ_SUFFIXES = (".mgz", ".mgh")
