@@ -54,7 +54,7 @@ def clicks(widget, app, positions, between_s: float = 0.0) -> dict[str, list[flo
         started = time.perf_counter()
         points.add([position])
         app.processEvents()
-        while widget.searching_click:  # a click without a box on a box-trained model is searched in a worker
+        while widget.segmenting_in_background:  # a click without a box on a box-trained model is searched in a worker
             app.processEvents()
             time.sleep(0.001)
         app.processEvents()

@@ -51,10 +51,10 @@ class SegmentWidget(QWidget):
         self._points = self._boxes = self._preview = None
         self._slice_task: BackgroundTask | None = None  # encodes a clicked slice, then segments it
         self._pending_slice: int | None = None
-        # Clicks without a box on a box-trained model search candidate boxes (about a second on a CPU): that
-        # runs in a worker, one search at a time; a prompt made meanwhile is segmented when it ends.
-        self._click_task: BackgroundTask | None = None
-        self._click_pending: tuple[int, float] | None = None
+        # Slow prompts (a click's box search on a box-trained model, about a second on a CPU, or a window that has
+        # to encode the slice) run in a worker, one at a time; a prompt made meanwhile is segmented when it ends.
+        self._prompt_task: BackgroundTask | None = None
+        self._prompt_pending: tuple[int, float] | None = None
         self._adapter_change_pending = False  # applied once the work started with the previous adapter has ended
         self._muted = False  # True while the widget itself edits the prompt layers
         self.last_click_to_preview_ms = float("nan")
@@ -102,12 +102,12 @@ class SegmentWidget(QWidget):
     @property
     def idle(self) -> bool:
         """No background work running (tests and scripts wait for this)."""
-        return not self.tasks.busy and self._slice_task is None and self._click_task is None
+        return not self.tasks.busy and self._slice_task is None and self._prompt_task is None
 
     @property
-    def searching_click(self) -> bool:
-        """A click's box search is running in its worker (its preview comes when it ends)."""
-        return self._click_task is not None
+    def segmenting_in_background(self) -> bool:
+        """A slow prompt (a click's box search, or a new window to encode) is being segmented in its worker."""
+        return self._prompt_task is not None
 
     def set_adapter(self, adapter_dir: str | None) -> None:
         """Use the LoRA adapter saved in ``adapter_dir`` (None or "none": the base model); for the fine-tune panel."""
@@ -259,14 +259,14 @@ class SegmentWidget(QWidget):
         if predictor is None or not predictor.is_encoded(z):
             self._encode_then_segment(z)
             return
-        if self._click_task is not None:  # the decoder is busy with a search: this prompt goes next
-            self._click_pending = (z, started)
+        if self._prompt_task is not None:  # a slow prompt is being segmented: this one goes next
+            self._prompt_pending = (z, started)
             return
         # A click's box search, or a box whose window (chosen from under it) has not encoded this slice yet,
         # takes a second or so: it runs in a worker.
         needs_encoding = not predictor_for_box(predictor, z, prompts.box_xyxy).is_encoded(z)
         if needs_encoding or (prompts.box_xyxy is None and uses_click_search(predictor)):
-            self._search_clicks_in_worker(predictor, z, prompts, started)
+            self._segment_in_worker(predictor, z, prompts, started)
             return
         # One point is ambiguous (part or whole?): let SAM pick the best of its three masks.
         try:
@@ -279,7 +279,7 @@ class SegmentWidget(QWidget):
         self.last_click_to_preview_ms = (time.perf_counter() - started) * 1000.0
         self._update_status()
 
-    def _search_clicks_in_worker(self, predictor: VolumePredictor, z: int, prompts, started: float) -> None:
+    def _segment_in_worker(self, predictor: VolumePredictor, z: int, prompts, started: float) -> None:
         """Segment a slow prompt off the GUI thread: clicks without a box on a box-trained model (their box
         search), or a prompt whose window still has to encode the slice."""
         threads = self.decode_threads
@@ -289,8 +289,8 @@ class SegmentWidget(QWidget):
                 return predict_object(predictor, z, prompts.points_xy, prompts.point_labels, prompts.box_xyxy)
 
         def done(outcome: TaskOutcome) -> None:
-            self._click_task = None
-            pending, self._click_pending = self._click_pending, None
+            self._prompt_task = None
+            pending, self._prompt_pending = self._prompt_pending, None
             if pending is not None:  # newer prompts came in meanwhile: they decide the preview
                 self._segment_prompted_slice(*pending)
                 return
@@ -302,8 +302,8 @@ class SegmentWidget(QWidget):
             self._update_status()
             self._apply_pending_adapter()
 
-        self.controls.task_label.setText(f"searching the structure under the click on slice {z}…")
-        self._click_task = BackgroundTask(f"click search on slice {z}", work, done).start()
+        self.controls.task_label.setText(f"segmenting slice {z} in the background…")
+        self._prompt_task = BackgroundTask(f"segment slice {z}", work, done).start()
 
     def _encode_then_segment(self, z: int) -> None:
         """Encode slice ``z`` in a worker (loading the model first if needed), then segment it."""
@@ -467,7 +467,7 @@ class SegmentWidget(QWidget):
         self._apply_pending_adapter()
 
     def _cancel_background_work(self) -> None:
-        for task in (self.tasks.task, self._slice_task, self._click_task):
+        for task in (self.tasks.task, self._slice_task, self._prompt_task):
             if task is not None:
                 task.cancel()
 
