@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from datetime import datetime, timezone
@@ -31,16 +30,6 @@ MODES = ("box", "point", "point_box", "propagate", "none")
 MODE_TITLES = {"box": "box", "point": "single click", "point_box": "click + box",
                "propagate": "propagation from one key slice", "none": "automatic"}
 FIXED_CT_WINDOWS = ("soft_tissue", "lung", "bone", "percentile")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def load_cases(cases_dir: Path | None):
@@ -242,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # compare_naive beside this script
-    from napari_sam_ft.devices import cpu_has_native_bf16
+    from napari_sam_ft.devices import cpu_has_native_bf16, cpu_model_name
 
     cases_dir = Path(args.cases)
     modes = [mode for mode in args.modes.split(",") if mode]
@@ -253,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         wanted = set(args.only.split(","))
         cases = [case for case in cases if case[0] in wanted]
-    machine = f"{cpu_model()}, {'native bf16' if cpu_has_native_bf16() else 'no bf16'}"
+    machine = f"{cpu_model_name()}, {'native bf16' if cpu_has_native_bf16() else 'no bf16'}"
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     results = quality(cases, modes, args.max_slices)
     if args.latency:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -173,15 +172,9 @@ def table_row(row: dict) -> str:
 def machine() -> dict:
     import torch
 
-    from napari_sam_ft.devices import autocast_dtype, dtype_name
+    from napari_sam_ft.devices import autocast_dtype, cpu_model_name, dtype_name
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "cpu": cpu, "torch_threads": torch.get_num_threads(),
+    return {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "cpu": cpu_model_name(), "torch_threads": torch.get_num_threads(),
             "encoder_precision": dtype_name(autocast_dtype(torch.device("cpu")))}
 
 
