@@ -24,6 +24,8 @@ KEYS = (("s", "segment the current slice from its prompts"),
         ("c", "commit the preview into the labels layer"),
         ("Shift-S", "propagate the preview through z"),
         ("Shift-C", "clear prompts and preview"),
+        ("re-propagate", "after correcting slices of a propagation (paint, erase or prompt them), regrows only the "
+                         "slices between corrected, committed and key slices; those are never changed"),
         ("Ctrl-Z", "undo the last commit (labels layer undo)"),
         ("click", "segments the structure under it (LiteMedSAM/MedSAM: found by a search over boxes around "
                   "the click); more clicks add; Shift/Ctrl-click removes what it is on"),
@@ -61,6 +63,9 @@ class SegmentControls:
     commit_button: QPushButton
     propagate_button: QPushButton
     clear_button: QPushButton
+    weakest_button: QPushButton
+    repropagate_button: QPushButton
+    propagation_label: QLabel
     stop_iou_spin: QDoubleSpinBox
     range_spin: QSpinBox
     grid_spin: QSpinBox
@@ -115,6 +120,8 @@ def build_controls(widget: QWidget, viewer) -> SegmentControls:
         overwrite_check=QCheckBox("overwrite other labels"),
         segment_button=QPushButton("Segment [s]"), commit_button=QPushButton("Commit [c]"),
         propagate_button=QPushButton("Propagate [Shift-S]"), clear_button=QPushButton("Clear [Shift-C]"),
+        weakest_button=QPushButton("Go to weakest slice"), repropagate_button=QPushButton("Re-propagate"),
+        propagation_label=QLabel(""),
         stop_iou_spin=QDoubleSpinBox(), range_spin=QSpinBox(),
         grid_spin=QSpinBox(), auto_slice_button=QPushButton("Auto-segment slice"),
         auto_volume_button=QPushButton("Auto-segment volume"),
@@ -134,6 +141,9 @@ def build_controls(widget: QWidget, viewer) -> SegmentControls:
     controls.stop_iou_spin.setSingleStep(0.05)
     controls.stop_iou_spin.setValue(DEFAULT_STOP_IOU)
     controls.stop_iou_spin.setToolTip("Propagation stops at the first slice whose predicted IoU is below this")
+    controls.weakest_button.setToolTip("Show the propagated slice with the lowest predicted IoU")
+    controls.repropagate_button.setToolTip("Regrow only the slices between corrected, committed and key slices")
+    controls.propagation_label.setWordWrap(True)
     controls.range_spin.setRange(0, 10000)
     controls.range_spin.setSpecialValueText("whole volume")
     controls.range_spin.setToolTip("Propagate at most this many slices beyond the key slices (0: whole volume)")
@@ -171,6 +181,8 @@ def build_controls(widget: QWidget, viewer) -> SegmentControls:
     form.addRow(controls.overwrite_check)
     form.addRow(widget_row(controls.segment_button, controls.commit_button))
     form.addRow(widget_row(controls.propagate_button, controls.clear_button))
+    form.addRow(widget_row(controls.weakest_button, controls.repropagate_button))
+    form.addRow(controls.propagation_label)
     form.addRow("stop IoU", controls.stop_iou_spin)
     form.addRow("range ±", controls.range_spin)
     keys = QLabel("<br>".join(f"<b>{key}</b>: {what}" for key, what in KEYS))

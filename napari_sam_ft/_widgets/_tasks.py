@@ -11,7 +11,7 @@ from qtpy.QtCore import QObject, Slot
 
 from ..engine import automatic
 from ..engine.predictor import VolumePredictor
-from ..engine.propagate import propagate_mask
+from ..engine.propagate import propagate_mask, regrow_between_keys
 from ..volume import Volume
 from ._controls import SegmentControls
 from ..finetune.adapters import AdapterError
@@ -90,7 +90,8 @@ class TaskRunner(QObject):
 
     def _set_busy(self, busy: bool, text: str = "") -> None:
         c = self._controls
-        for button in (c.encode_button, c.propagate_button, c.auto_slice_button, c.auto_volume_button):
+        for button in (c.encode_button, c.propagate_button, c.repropagate_button, c.auto_slice_button,
+                       c.auto_volume_button):
             button.setEnabled(not busy)
         c.cancel_button.setEnabled(busy)
         if busy:
@@ -106,11 +107,26 @@ def report_error(controls: SegmentControls, what: str, error: BaseException) -> 
 
 
 def propagation(key_masks: dict[int, np.ndarray], stop_iou: float, slice_range: tuple[int, int] | None) -> Compute:
-    """The compute step of a propagation task: (Z, H, W) bool grown from the key slices."""
+    """The compute step of a propagation task: ((Z, H, W) bool grown from the key slices, {grown slice: predicted
+    IoU})."""
 
     def compute(predictor, progress, should_cancel):
-        return propagate_mask(predictor, key_masks, stop_iou=stop_iou, slice_range=slice_range,
-                              progress=progress, should_cancel=should_cancel)
+        scores: dict[int, float] = {}
+        grown = propagate_mask(predictor, key_masks, stop_iou=stop_iou, slice_range=slice_range,
+                               progress=progress, should_cancel=should_cancel, scores=scores)
+        return grown, scores
+
+    return compute
+
+
+def repropagation(key_masks: dict[int, np.ndarray]) -> Compute:
+    """The compute step of a re-propagation: ({slice between keys: (H, W) bool}, {that slice: predicted IoU})."""
+
+    def compute(predictor, progress, should_cancel):
+        scores: dict[int, float] = {}
+        regrown = regrow_between_keys(predictor, key_masks, progress=progress, should_cancel=should_cancel,
+                                      scores=scores)
+        return regrown, scores
 
     return compute
 

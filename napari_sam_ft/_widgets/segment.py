@@ -27,7 +27,8 @@ from ._layers import (NEGATIVE, POSITIVE, PREVIEW_VALUE, LayerVolume, commit_mas
 from .session_panel import CHOICES_KEY
 from ..finetune.adapters import AdapterError
 from ._session import NO_ADAPTER, SegmentSession, SessionChoices
-from ._tasks import TaskRunner, automatic_segmentation, propagation, report_error
+from ._tasks import TaskRunner, automatic_segmentation, propagation, repropagation, report_error
+from .propagation_review import PropagationReview
 from ._workers import BackgroundTask, TaskOutcome, torch_threads
 
 FINISHED_ACTIONS = ("added", "changed", "removed")  # napari also emits "adding", "changing", "removing"
@@ -48,6 +49,7 @@ class SegmentWidget(QWidget):
         self.tasks = TaskRunner(self.controls, self._session, on_update=self._update_status,
                                 on_end=self._task_ended)
         self._layer_volume = LayerVolume()
+        self.review = PropagationReview()  # the last propagation: per-slice IoU, keys, what it wrote
         self._points = self._boxes = self._preview = None
         self._slice_task: BackgroundTask | None = None  # encodes a clicked slice, then segments it
         self._pending_slice: int | None = None
@@ -80,6 +82,8 @@ class SegmentWidget(QWidget):
         c.commit_button.clicked.connect(self.commit)
         c.propagate_button.clicked.connect(self.propagate)
         c.clear_button.clicked.connect(self.clear_prompts)
+        c.weakest_button.clicked.connect(self.go_to_weakest_slice)
+        c.repropagate_button.clicked.connect(self.repropagate)
         c.auto_slice_button.clicked.connect(lambda: self.auto_segment(whole_volume=False))
         c.auto_volume_button.clicked.connect(lambda: self.auto_segment(whole_volume=True))
         c.cancel_button.clicked.connect(self.cancel)
@@ -371,7 +375,7 @@ class SegmentWidget(QWidget):
             return
         note = f"; {kept} voxels of other labels kept (tick 'overwrite other labels' to replace them)" if kept else ""
         self.controls.task_label.setText(f"committed {changed} voxels as label {label_id} into {labels.name!r}{note}")
-        self.clear_prompts()
+        self.clear_prompts(keep_review=True)  # committed slices are keys of a later re-propagation
 
     def undo(self) -> None:
         """Undo the labels layer's last edit, e.g. a commit (Ctrl-Z while a SAM layer is selected)."""
@@ -379,10 +383,13 @@ class SegmentWidget(QWidget):
         if labels is not None:
             labels.undo()
 
-    def clear_prompts(self) -> None:
+    def clear_prompts(self, keep_review: bool = False) -> None:
         """Remove every point and box and empty the preview (key ``Shift-C``)."""
         if self._points is None or self._points not in self._viewer.layers:
             return
+        if not keep_review:
+            self.review.clear()
+            self.controls.propagation_label.setText("")
         self._muted = True
         try:
             self._points.data = np.empty((0, 3))
@@ -418,14 +425,76 @@ class SegmentWidget(QWidget):
         last = self._preview.data.shape[0] - 1
         slice_range = None if reach == 0 else (max(0, min(key_masks) - reach), min(last, max(key_masks) + reach))
 
-        def show(result: np.ndarray) -> None:
+        def show(value) -> None:
+            result, scores = value
             # Written slice by slice where the result holds the object: quick on large scans.
             filled = slices_with_content(result)
             self._preview.data[:] = 0
             self._preview.data[filled] = result[filled].astype(np.uint8) * PREVIEW_VALUE
             self._preview.refresh()
+            self.review.clear()
+            self._record_review({int(z): scores.get(int(z), float("nan")) for z in filled}, key_masks)
 
         self._run("propagate", propagation(key_masks, stop_iou, slice_range), show)
+
+    def _record_review(self, written: dict[int, float], keys) -> None:
+        self.review.record(self._preview.data, written, keys)
+        self.controls.propagation_label.setText(self.review.summary())
+
+    def go_to_weakest_slice(self) -> None:
+        """Move the viewer to the propagated slice with the lowest predicted IoU that the user has not corrected."""
+        if self._preview is None or not self.review.active:
+            show_info("napari-sam-ft: propagate first; the weakest slice is the one with the lowest predicted IoU")
+            return
+        z = self.review.weakest_slice(exclude=self.review.corrected_slices(self._preview.data))
+        if z is None:
+            show_info("napari-sam-ft: every propagated slice is a key or was corrected")
+            return
+        self._viewer.dims.set_point(0, float(self.image_layer.data_to_world([z, 0, 0])[0]))
+        self.controls.task_label.setText(f"slice {z}: predicted IoU {self.review.scores[z]:.2f}, the weakest")
+
+    def repropagate(self) -> None:
+        """Regrow only the slices between key, corrected and committed slices; those keep exactly what they hold.
+
+        Only the preview changes (the labels layer changes on commit, which Ctrl-Z undoes)."""
+        if self.prompt_layers() is None:
+            return
+        if not self.review.active:
+            show_info("napari-sam-ft: propagate first, correct slices, then re-propagate")
+            return
+        key_masks = self._repropagation_keys()
+        if not any(mask.any() for mask in key_masks.values()):
+            show_info("napari-sam-ft: the key slices are empty; nothing to regrow from")
+            return
+
+        def show(value) -> None:
+            regrown, scores = value
+            for z, mask in regrown.items():  # never a key slice: the engine returns only slices between keys
+                self._preview.data[z] = mask.astype(np.uint8) * PREVIEW_VALUE
+            self._preview.refresh()
+            self._record_review({z: scores[z] for z in regrown}, key_masks)
+
+        self._run("re-propagate", repropagation(key_masks), show)
+
+    def _repropagation_keys(self) -> dict[int, np.ndarray]:
+        """The propagation's keys, the slices corrected since, and the slices committed as this label in its span.
+
+        A slice's key mask is its preview; a committed slice whose preview is empty uses the committed label."""
+        preview = self._preview.data
+        keys = set(self.review.keys) | set(self.review.corrected_slices(preview))
+        committed: dict[int, np.ndarray] = {}
+        labels, span = self.target_labels_layer(create=False), self.review.span()
+        if labels is not None and span is not None:
+            label_id = self.controls.label_spin.value()
+            for z in range(span[0], span[1] + 1):
+                mask = np.asarray(labels.data[z]) == label_id
+                if mask.any():
+                    committed[z] = mask
+        key_masks = {z: np.asarray(preview[z]) > 0 for z in keys | set(committed)}
+        for z, mask in committed.items():
+            if not key_masks[z].any():
+                key_masks[z] = mask
+        return key_masks
 
     def _key_masks(self) -> dict[int, np.ndarray]:
         z, labels = self._current_slice(), self.target_labels_layer(create=False)
