@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from napari_sam_ft.engine.prompts import box_from_mask
-from napari_sam_ft.engine.window_choice import (WIDE_CT_WINDOW, chooses_window_per_prompt, predictor_for_box,
-                                                window_for_box, windows_used)
+from napari_sam_ft.engine.window_choice import (SOLID_IN_AIR_WINDOW, WIDE_CT_WINDOW, chooses_window_per_prompt,
+                                                predictor_for_box, window_for_box, windows_used)
 
 CASES = Path(__file__).resolve().parents[1].parent / "shared" / "cases"
 
@@ -29,10 +29,12 @@ def lung1():
     return image, np.asarray(read_labels(_case("pyradiomics_lung1_label.nrrd"), like=image).array)
 
 
-def test_the_lung_lesion_gets_the_wide_window_and_the_liver_soft_tissue(lung1, ct_sample):
+def test_a_lesion_in_air_a_lung_and_the_liver_each_get_their_window(lung1, ct_sample):
     image, labels = lung1
     index = int(np.argmax((labels > 0).sum(axis=(1, 2))))
-    assert window_for_box(np.asarray(image.array[index]), box_from_mask(labels[index] > 0)) == WIDE_CT_WINDOW
+    assert window_for_box(np.asarray(image.array[index]), box_from_mask(labels[index] > 0)) == SOLID_IN_AIR_WINDOW
+    lung = ct_sample.labels.array[25] == 10  # lung_upper_lobe_left: an air-filled middle
+    assert window_for_box(np.asarray(ct_sample.image.array[25]), box_from_mask(lung)) == WIDE_CT_WINDOW
     liver = ct_sample.labels.array[15] == 5
     assert window_for_box(np.asarray(ct_sample.image.array[15]), box_from_mask(liver)).name == "soft_tissue"
 
@@ -50,7 +52,7 @@ def test_only_automatic_ct_windows_change_per_prompt(litemedsam, lung1, shared_c
     assert predictor_for_box(mri, 9, np.array([10, 10, 60, 60], np.float32)) is mri
 
 
-def test_evaluate_records_the_window_and_the_wide_window_beats_soft_tissue_on_lung1(litemedsam, lung1, shared_cache):
+def test_evaluate_records_the_window_and_the_lesion_window_beats_soft_tissue_on_lung1(litemedsam, lung1, shared_cache):
     from napari_sam_ft.evaluate import evaluate
     from napari_sam_ft.scan_jobs import predictor_for
 
@@ -61,5 +63,5 @@ def test_evaluate_records_the_window_and_the_wide_window_beats_soft_tissue_on_lu
     report, _ = evaluate(automatic, labels, "box", slices, with_hd95=False)
     fixed, _ = evaluate(predictor_for(litemedsam, image, "soft_tissue", shared_cache), labels, "box", slices,
                         with_hd95=False)
-    assert report["windows_used"] == ["wide"] and windows_used(automatic) == ["wide"]
+    assert report["windows_used"] == ["solid_in_air"] and windows_used(automatic) == ["solid_in_air"]
     assert report["dice"] >= fixed["dice"] + 0.03, (report["dice"], fixed["dice"])
