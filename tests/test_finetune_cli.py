@@ -62,3 +62,15 @@ def test_the_training_window_is_recorded_applied_and_checked_on_load(tmp_path):
     assert predictor.window.name == "bone"
     with pytest.raises(AdapterError, match="was trained on images windowed to"):
         open_predictor(args("soft_tissue"))
+
+    # The Segment panel builds its predictor through the same predictor_for: same window, same refusal.
+    from napari_sam_ft._widgets._session import SegmentSession, SessionChoices
+    from napari_sam_ft.engine.cache import EmbeddingCache
+    from napari_sam_ft.volume import read_volume
+
+    volume, session = read_volume(image), SegmentSession(cache=EmbeddingCache())
+    panel = session.build(SessionChoices("litemedsam", "", "cpu", "auto", str(output)), volume)
+    assert (panel.window.low, panel.window.high) == pytest.approx((recorded[0]["low"], recorded[0]["high"]))
+    with pytest.raises(AdapterError, match="was trained on images windowed to"):
+        session.build(SessionChoices("litemedsam", "", "cpu", "soft_tissue", str(output)), volume)
+    assert session.build(SessionChoices("litemedsam", "", "cpu", "soft_tissue"), volume).window.name == "soft_tissue"

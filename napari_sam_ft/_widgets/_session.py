@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from ..devices import select_device
 from ..engine.cache import EmbeddingCache, default_cache_dir
 from ..engine.predictor import VolumePredictor
+from ..scan_jobs import predictor_for
 from ..finetune.adapters import AdapterError, load_adapter, unload_adapter
 from ..models.registry import LoadedModel, load_model
 from ..volume import Volume
@@ -79,8 +80,10 @@ class SegmentSession:
             predictor = self._predictor
             built = self._built
             if (predictor is None or built is None or built.window != choices.window or predictor.volume is not volume
-                    or predictor.model is not self._model):
-                predictor = VolumePredictor(self._model, volume, window=choices.window, cache=self.cache)
+                    or built.adapter_dir != choices.adapter_dir or predictor.model is not self._model):
+                # The same predictor_for as the CLI and batch: an adapter's training window is applied under
+                # "auto", and an explicit window that differs is refused with AdapterError.
+                predictor = predictor_for(self._model, volume, choices.window, self.cache)
             self._predictor, self._built = predictor, choices
             return predictor
 
