@@ -202,6 +202,8 @@ class SegmentWidget(QWidget):
                 if layer is not None and layer in layers:
                     layers.remove(layer)
             self._preview = make_preview_layer(self._viewer, image)
+            self.review.clear()  # it described the previous preview
+            self.controls.propagation_label.setText("")
             self._boxes = make_boxes_layer(self._viewer, image)
             self._points = make_points_layer(self._viewer, image)  # added last: the active layer for clicks
             for layer in (self._points, self._boxes):
