@@ -58,6 +58,16 @@ def test_several_volumes_combine(ct):
     assert len(data.windows) == 2 and data.windows[0].name != data.windows[1].name  # CT preset vs MR percentiles
 
 
+def test_of_two_annotated_slices_the_smaller_annotation_is_held_out(ct):
+    labels = sparse_labels(ct, [8, 14])
+    labels[14][labels[14] != 0] = 0
+    labels[14, 100:110, 100:110] = 5  # a small painting on slice 14, a large one on slice 8
+    for order in ([8, 14], [14, 8]):
+        data = build_training_data([VolumeAnnotations(ct.image, labels)], slices=order)
+        assert [example.slice_index for example in data.validation] == [14]
+        assert [example.slice_index for example in data.train] == [8]
+
+
 def test_empty_annotations_give_a_clear_error(ct):
     with pytest.raises(FinetuneDataError, match="no annotations"):
         build_training_data([VolumeAnnotations(ct.image, np.zeros_like(ct.labels.array))])
