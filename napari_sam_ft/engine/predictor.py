@@ -19,6 +19,7 @@ from ..models.registry import LoadedModel, ModelIdentity
 from ..volume import Volume, Window, choose_window
 from .cache import CacheKey, EmbeddingCache, volume_content_hash
 from .fast_decoder import FastMaskDecoder, supports
+from .onnx_encoder import onnx_encoder_for
 
 ProgressCallback = Callable[[int, int], None]
 CancelCheck = Callable[[], bool]
@@ -106,6 +107,8 @@ class VolumePredictor:
         self.window_is_automatic = isinstance(window, str) and window == "auto"
         self.cache = cache if cache is not None else EmbeddingCache()
         self.encoder_dtype = autocast_dtype(model.device, precision)
+        # fp32 on a CPU runs the base encoder through ONNX Runtime (engine.onnx_encoder); False: torch eager.
+        self.use_onnx_encoder = True
         self.batch_size = batch_size or default_batch_size(model)
         self.volume_hash = volume_content_hash(volume.array)
         self.encoder_calls = 0
@@ -176,10 +179,18 @@ class VolumePredictor:
         """Run the image encoder on (B, H, W) windowed slices; returns (B, C, h, w) float32 embeddings."""
         inputs = self.model.preprocessing.image_to_tensor(images_01).to(self.model.device)
         inputs = inputs.contiguous(memory_format=torch.channels_last)
-        with autocast_context(self.model.device, self.encoder_dtype):
-            embeddings = self.model.sam.image_encoder(inputs)
+        runtime = self.onnx_encoder()
+        if runtime is not None:
+            embeddings = runtime(inputs)
+        else:
+            with autocast_context(self.model.device, self.encoder_dtype):
+                embeddings = self.model.sam.image_encoder(inputs)
         self.encoder_calls += 1
         return embeddings.float()
+
+    def onnx_encoder(self):
+        """The ONNX Runtime encoder where it applies now (fp32 on a CPU, base encoder), else None: torch eager."""
+        return onnx_encoder_for(self.model) if self.encoder_dtype is None and self.use_onnx_encoder else None
 
     def encode_slices(self, slice_indices, progress: ProgressCallback | None = None,
                       should_cancel: CancelCheck | None = None, skip_cached: bool = True) -> int:

@@ -186,15 +186,30 @@ class WindowAttention(nn.Module):
         self.register_buffer(
             "attention_bias_idxs", _relative_offset_index(window), persistent=False
         )
+        self._bias_cache: tuple[tuple, torch.Tensor] | None = None
+
+    def _attention_bias(self, dtype: torch.dtype) -> torch.Tensor:
+        """The ``(heads, N, N)`` bias, gathered from the per-offset table.
+
+        Without autograd the gather is kept and reused while the table is the
+        same tensor at the same in-place version (load_state_dict and optimiser
+        steps bump it), so unlike upstream's eval-time cache it cannot go
+        stale. Traced graphs (torch.export, torch.compile) gather every time.
+        """
+        table = self.attention_biases
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return table[:, self.attention_bias_idxs].to(dtype)
+        key = (table.data_ptr(), table._version, table.device, dtype, self.attention_bias_idxs.data_ptr(),
+               torch.is_inference_mode_enabled())
+        if self._bias_cache is None or self._bias_cache[0] != key:
+            self._bias_cache = (key, table[:, self.attention_bias_idxs].to(dtype))
+        return self._bias_cache[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         windows, n, dim = x.shape
         qkv = self.qkv(self.norm(x)).view(windows, n, self.num_heads, 3, self.head_dim)
         q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each (windows, heads, N, d)
-        # Gathered on every call (small next to the attention itself) instead
-        # of cached, so it cannot go stale after load_state_dict or an
-        # optimiser step, as upstream's eval-time cache can.
-        bias = self.attention_biases[:, self.attention_bias_idxs].to(q.dtype)
+        bias = self._attention_bias(q.dtype)
         # SDPA's default scale is head_dim ** -0.5, the same as upstream.  The
         # mask must be 4-D: a 3-D one silently sends CPU SDPA down its slow
         # "math" fallback (about 5x slower here).
