@@ -27,6 +27,7 @@ def test_info_names_device_dtype_models_and_cache(capsys):
     out = capsys.readouterr().out
     for expected in ("device:", "encoder dtype:", "litemedsam", "vit_h", "mobilesam", "cache:", "embedded:"):
         assert expected in out
+    assert "fp32 encoder: litemedsam on ONNX Runtime" in out  # the CPU's fp32 runtime (engine.onnx_encoder)
 
 
 def test_evaluate_box_beats_the_naive_loop_and_prints_json_last(capsys):

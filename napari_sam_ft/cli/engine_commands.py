@@ -85,13 +85,17 @@ def run_info(args) -> int:
 
     from ..devices import autocast_dtype, cpu_has_native_bf16, dtype_name, select_device
     from ..engine.cache import default_cache_dir
-    from ..models.registry import MODELS, embedded_litemedsam_checkpoint
+    from ..engine.onnx_encoder import fp32_encoder_runtime
+    from ..models.registry import DEFAULT_MODEL, MODELS, embedded_litemedsam_checkpoint
 
     device = select_device("auto")
     print(f"napari-sam-ft on Python {platform.python_version()}, torch {torch.__version__}")
     print(f"device:       {device} (override with --device cpu|cuda|mps)")
     print(f"encoder dtype: {dtype_name(autocast_dtype(device))}"
           f"{' (CPU has native bf16)' if device.type == 'cpu' and cpu_has_native_bf16() else ''}")
+    fp32_use = "used by default here" if autocast_dtype(device) is None else "with --precision fp32"
+    print(f"fp32 encoder: {DEFAULT_MODEL} on {fp32_encoder_runtime(MODELS[DEFAULT_MODEL].family, device)}; "
+          f"{fp32_use}")
     print(f"torch threads: {torch.get_num_threads()}")
     cache_dir = default_cache_dir()
     size = sum(path.stat().st_size for path in cache_dir.glob("*/*.npy")) if cache_dir.exists() else 0

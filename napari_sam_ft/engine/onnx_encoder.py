@@ -54,9 +54,13 @@ def onnxruntime_version() -> str | None:
 def fp32_encoder_runtime(model_family: str, device: torch.device) -> str:
     """Which runtime encodes fp32 slices of a base model of ``model_family`` on ``device`` (for ``info``)."""
     version = onnxruntime_version()
-    if device.type == "cpu" and model_family in SUPPORTED_FAMILIES and version is not None:
-        return f"ONNX Runtime {version} (base encoder; torch eager with an encoder adapter)"
-    return "torch eager"
+    if device.type != "cpu":
+        return f"torch eager (ONNX Runtime serves the CPU only, not {device.type})"
+    if model_family not in SUPPORTED_FAMILIES:
+        return f"torch eager (ONNX Runtime serves {', '.join(SUPPORTED_FAMILIES)} encoders only)"
+    if version is None:
+        return "torch eager (onnxruntime is not installed)"
+    return f"ONNX Runtime {version} (torch eager with an encoder adapter)"
 
 
 def export_path(model: LoadedModel, cache_dir: Path | None = None) -> Path:
