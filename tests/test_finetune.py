@@ -267,5 +267,5 @@ def test_steps_are_planned_from_the_data():
 
     small, small_encoder = plan_steps(2, 1, "lora")
     large, large_encoder = plan_steps(8, 3, "lora")
-    assert 150 <= small < large <= 400 and 12 <= small_encoder < large_encoder <= 30
+    assert 300 <= small < large <= 400 and 12 <= small_encoder < large_encoder <= 30
     assert plan_steps(5, 3, "decoder")[1] == 0
