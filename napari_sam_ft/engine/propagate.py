@@ -4,10 +4,10 @@ Measured on ../shared/cases and the bundled samples (``napari-sam-ft evaluate IM
 against ``--prompt box``), three things decide whether growth from one key slice holds:
 
 - The box. A box grown by a margin lets SAM fill it with the neighbour organ where the object shrinks (the
-  lung apex, an MR liver's lower tip); a tight box cuts off an object that widens or shifts (the spinal cord,
-  back muscles). Each slice is decoded with both boxes in one pass, and the mask that overlaps the
-  neighbour's mask most is kept: the object moves little between slices, the organ next to it does not
-  overlap it.
+  lung apex); a tight box shrinks an object that widens or shifts a little more on every slice (the aorta,
+  back muscles). Each slice is decoded with both boxes in one pass, and of the masks that have the object's
+  intensities (below) and overlap the neighbour's mask by half or more (the object moves little between
+  slices; the organ beside it does not overlap it), the one with the higher predicted IoU is kept.
 - Where to stop. Past the object's end SAM still finds something in the box, with a high predicted IoU (a
   lung's box lands on the liver dome below the diaphragm at IoU 0.86). Growth stops when fewer than half of
   the new mask's pixels have the intensities most of the key slice's object has (5-95 %, raw units), as
@@ -29,6 +29,7 @@ from .window_choice import predictor_for_box
 DEFAULT_STOP_IOU = 0.6  # LiteMedSAM's predicted IoU on a tight box is lower than on a loose one; 0.7 stopped lungs
 DEFAULT_MIN_AREA_RATIO = 0.2
 MIN_INSIDE_BAND = 0.5  # growth stops when less of the mask than this has the key object's intensities
+MIN_OVERLAP = 0.5  # a slice's mask should overlap its neighbour's by this IoU at least
 BAND_PERCENTILES = (5.0, 95.0)
 
 
@@ -95,15 +96,19 @@ def _overlap(mask: np.ndarray, previous: np.ndarray) -> float:
 def grow_into(predictor: VolumePredictor, slice_index: int, previous: np.ndarray, band: IntensityBand) -> GrownSlice:
     """The object on ``slice_index`` from its neighbour's (H, W) mask ``previous``.
 
-    The tight box and the box with a margin are decoded in one pass; the mask overlapping ``previous`` most wins.
+    The tight box and the box with a margin are decoded in one pass. The mask kept is, in this order, one with
+    the object's intensities, one overlapping ``previous`` enough, the one with the higher predicted IoU.
     """
     tight = box_from_mask(previous)
     boxes = np.stack([tight, box_from_mask(previous, margin=_box_margin(previous))])
     masks, ious = predictor_for_box(predictor, slice_index, tight).predict_boxes(boxes, slice_index=slice_index)
-    masks = [_keep_connected_to(mask, previous) for mask in masks]
-    best = max(range(len(masks)), key=lambda option: _overlap(masks[option], previous))
-    inside = band.inside_fraction(slice_intensities(predictor, slice_index)[masks[best]])
-    return GrownSlice(masks[best], float(ious[best]), inside)
+    intensities = slice_intensities(predictor, slice_index)
+    options = []
+    for mask, iou in zip(masks, ious):
+        mask = _keep_connected_to(mask, previous)
+        options.append(GrownSlice(mask, float(iou), band.inside_fraction(intensities[mask])))
+    return max(options, key=lambda option: (option.inside_band >= MIN_INSIDE_BAND,
+                                            _overlap(option.mask, previous) >= MIN_OVERLAP, option.score))
 
 
 def _stop_reason(grown: GrownSlice, previous: np.ndarray, stop_iou: float, min_area_ratio: float) -> str:
