@@ -2,7 +2,8 @@
 
 Run with ``napari-sam-ft bench encoder`` (or ``python benchmarks/engine_bench.py``). Prints tables; asserts
 nothing. Targets (2-core CPU): encoder <= 0.36 s/slice, click <= 20 ms median, auto-segment >= 3x faster
-than the naive loop.
+than the naive loop; on a CPU without bf16, the fast fp32 encoder (ONNX Runtime) <= 0.4 s/slice with masks
+Dice >= 0.99 against fp32 eager (the ``fp32`` table: lung1 from ../shared/cases and the sample CT).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -148,13 +150,113 @@ def automatic_table(model, sample, slices: list[int]) -> None:
     print(f"speed-up {naive / ours:.1f}x (target >= 3x); {len(np.unique(labels)) - 1} objects found")
 
 
+def _varied_boxes(labels_slice: np.ndarray | None, body: np.ndarray, rng: np.random.Generator,
+                  count: int) -> list[np.ndarray]:
+    """Box prompts on one slice: each labelled object's box, then random boxes (20-160 px) centred in the body
+    up to ``count`` in all."""
+    from napari_sam_ft.engine.prompts import box_from_mask
+
+    boxes = []
+    if labels_slice is not None:
+        boxes += [box_from_mask(labels_slice == value).astype(np.float32)
+                  for value in np.unique(labels_slice) if value and (labels_slice == value).sum() >= 10]
+    rows, cols = np.nonzero(body)
+    height, width = body.shape
+    while len(boxes) < count and len(rows):
+        pick = rng.integers(len(rows))
+        half = rng.uniform(10, 80, size=2)
+        centre = np.array([cols[pick], rows[pick]], np.float32)
+        low, high = np.maximum(centre - half, 0), np.minimum(centre + half, [width - 1, height - 1])
+        boxes.append(np.concatenate([low, high]).astype(np.float32))
+    return boxes
+
+
+def fp32_runtime_table(model, volumes: dict, slices_per_volume: int, repeats: int, boxes_per_slice: int) -> None:
+    """fp32 eager against the fast fp32 encoder (ONNX Runtime), interleaved in one process.
+
+    Each slice is encoded ``repeats`` times by each runtime, alternating which goes first, so a load that comes
+    and goes hits both alike; the ratio reported is the median of the per-pair ratios. Then varied boxes are
+    decoded on both embeddings and the masks compared.
+    """
+    from napari_sam_ft.engine.automatic import body_mask
+    from napari_sam_ft.engine.cache import EmbeddingCache
+    from napari_sam_ft.engine.predictor import VolumePredictor
+    from napari_sam_ft.metrics import dice
+
+    print(f"\nfp32 image encoder: torch eager vs ONNX Runtime ({model.name}, {torch.get_num_threads()} threads; "
+          f"interleaved, {repeats} pairs per slice)")
+    print(f"{'volume':<28} {'slices':>6} {'eager s/slice':>14} {'fast s/slice':>13} {'ratio':>7} "
+          f"{'prompts':>8} {'mask Dice mean':>15} {'min':>7}")
+    rng = np.random.default_rng(0)
+    for name, (volume, labels) in volumes.items():
+        eager = VolumePredictor(model, volume, cache=EmbeddingCache(), precision="fp32", batch_size=1)
+        eager.use_onnx_encoder = False
+        fast = VolumePredictor(model, volume, cache=EmbeddingCache(), precision="fp32", batch_size=1)
+        started = time.perf_counter()
+        if fast.onnx_encoder() is None:
+            print(f"{name:<28} the fast fp32 encoder is not available here (see the warning above)")
+            continue
+        setup = time.perf_counter() - started
+        body_share = [body_mask(eager.slice_intensity(index), 0.05).mean() for index in range(volume.num_slices)]
+        candidates = [index for index, share in enumerate(body_share) if share > 0.05] or list(range(volume.num_slices))
+        indices = [candidates[int(i)] for i in np.linspace(0, len(candidates) - 1, min(slices_per_volume,
+                                                                                          len(candidates)))]
+        for predictor in (eager, fast):  # warm-up
+            predictor.encode_slices(indices[:1], skip_cached=False)
+        eager_times, fast_times, ratios = [], [], []
+        for index in indices:
+            for repeat in range(repeats):
+                timed = {}
+                for predictor in ((eager, fast) if repeat % 2 == 0 else (fast, eager)):
+                    started = time.perf_counter()
+                    predictor.encode_slices([index], skip_cached=False)
+                    timed[predictor is fast] = time.perf_counter() - started
+                eager_times.append(timed[False])
+                fast_times.append(timed[True])
+                ratios.append(timed[True] / timed[False])
+        scores = []
+        for index in indices:
+            body = body_mask(eager.slice_intensity(index), 0.05)
+            labels_slice = None if labels is None else labels[index]
+            boxes = _varied_boxes(labels_slice, body, rng, boxes_per_slice)
+            if boxes:
+                scores += [dice(a, b) for a, b in zip(fast.predict_boxes(np.stack(boxes), slice_index=index)[0],
+                                                      eager.predict_boxes(np.stack(boxes), slice_index=index)[0])]
+        label = f"{name} {volume.shape[1]}x{volume.shape[2]}"
+        print(f"{label:<28} {len(indices):>6} {statistics.median(eager_times):>14.3f} "
+              f"{statistics.median(fast_times):>13.3f} {statistics.median(ratios):>7.3f} {len(scores):>8} "
+              f"{np.mean(scores):>15.4f} {np.min(scores):>7.4f}")
+        print(f"{'':<28} (ONNX export or load, once: {setup:.1f} s)")
+    print("ratio: median of fast/eager per interleaved pair; target fast <= 0.4 s/slice, mask Dice >= 0.99")
+
+
+def _fp32_volumes(sample, cases_dir: Path) -> dict:
+    """lung1 (512 x 512, a real chest CT) from ``cases_dir`` when it is there, and the bundled sample CT."""
+    from napari_sam_ft.volume import read_labels, read_volume
+
+    volumes = {}
+    image_path, labels_path = cases_dir / "pyradiomics_lung1_ct.nrrd", cases_dir / "pyradiomics_lung1_label.nrrd"
+    if image_path.exists():
+        image = read_volume(image_path)
+        volumes["lung1"] = (image, read_labels(labels_path, like=image).array)
+    else:
+        print(f"(lung1 is not in {cases_dir}: the fp32 table covers the sample CT only)")
+    volumes["sample CT"] = (sample.image, sample.labels.array)
+    return volumes
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="napari-sam-ft bench encoder", description=__doc__)
     parser.add_argument("--slices", type=int, default=8, help="slices of the sample CT to time the encoder on")
     parser.add_argument("--repeats", type=int, default=30, help="prompts timed per click row")
     parser.add_argument("--auto-slices", type=int, default=10, help="slices for the auto-segment comparison")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (a ~100 s one-off compile)")
-    parser.add_argument("--skip", nargs="*", default=(), choices=("encoder", "click", "auto"))
+    parser.add_argument("--fp32-slices", type=int, default=12, help="slices per volume for the fp32 runtime table")
+    parser.add_argument("--fp32-repeats", type=int, default=3, help="interleaved eager/fast pairs per slice")
+    parser.add_argument("--fp32-boxes", type=int, default=8, help="box prompts per slice for the fp32 mask Dice")
+    parser.add_argument("--cases", type=Path, default=Path(__file__).resolve().parents[1].parent / "shared" / "cases",
+                        help="folder holding lung1 (default ../shared/cases beside the checkout)")
+    parser.add_argument("--skip", nargs="*", default=(), choices=("encoder", "fp32", "click", "auto"))
     args = parser.parse_args(argv)
 
     from napari_sam_ft.models.registry import load_model
@@ -166,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     if "encoder" not in args.skip:
         half = args.slices // 2
         encoder_table(model, sample, list(range(middle - half, middle - half + args.slices)), args.compile)
+    if "fp32" not in args.skip:
+        fp32_runtime_table(model, _fp32_volumes(sample, args.cases), args.fp32_slices, args.fp32_repeats,
+                           args.fp32_boxes)
     if "click" not in args.skip:
         click_table(model, sample, args.repeats)
     if "auto" not in args.skip:
