@@ -58,7 +58,8 @@ def encoder_table(model, sample, slices: list[int], compile_encoder: bool) -> No
                                                 reference)
         masks_by_precision[precision] = masks
         mean_dice = float(np.mean([dice(prediction, reference) for prediction, reference in masks.values()]))
-        rows.append((precision, per_slice, mean_dice))
+        runtime = " (ONNX Runtime)" if precision == "fp32" and predictor.onnx_encoder() is not None else ""
+        rows.append((precision + runtime, per_slice, mean_dice))
         if precision == "bf16+compile":
             model.sam.image_encoder = model.sam.image_encoder._orig_mod
     agreement = np.mean([dice(masks_by_precision["fp32"][key][0], masks_by_precision["bf16"][key][0])
