@@ -15,7 +15,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 BENCHMARKS = {
-    "encoder": ("engine_bench.py", "encoder s/slice (fp32 vs bf16), click latency, auto-segment vs a naive loop"),
+    "encoder": ("engine_bench.py", "encoder s/slice (fp32 vs bf16; fp32 eager vs ONNX Runtime with their mask Dice on "
+                "lung1 and the sample), click latency, auto-segment vs a naive loop"),
     "compare": ("compare_naive.py", "Dice of the naive LiteMedSAM loop against napari-sam-ft on the same slices"),
     "finetune": ("finetune_bench.py", "few-shot adapting on ../shared/cases: zero-shot vs lora/decoder in none and "
                  "box modes; held-out Dice, steps, seconds, adapter MB (--with-load: beside a CPU-bound process)"),
