@@ -27,10 +27,11 @@ KEYS = (("s", "segment the current slice from its prompts"),
         ("re-propagate", "after correcting slices of a propagation (paint, erase or prompt them), regrows only the "
                          "slices between corrected, committed and key slices; those are never changed"),
         ("Ctrl-Z", "undo the last commit (labels layer undo)"),
-        ("click", "segments the structure under it (LiteMedSAM/MedSAM: found by a search over boxes around "
-                  "the click); more clicks add; Shift/Ctrl-click removes what it is on"),
-        ("box", "select the SAM boxes layer and drag: segments the object inside the box (best for "
-                "LiteMedSAM/MedSAM); clicks inside refine it"))
+        ("click", "on the SAM points layer (active at start for SAM/MobileSAM): segments the structure under it "
+                  "(LiteMedSAM/MedSAM: found by a search over boxes around the click); more clicks add; "
+                  "Shift/Ctrl-click removes what it is on"),
+        ("box", "drag on the SAM boxes layer (active at start for LiteMedSAM/MedSAM, their best prompt): segments "
+                "the object inside the box; clicks inside refine it"))
 
 
 class _AdapterPicker(QObject):

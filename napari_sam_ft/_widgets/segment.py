@@ -18,6 +18,7 @@ from qtpy.QtWidgets import QWidget
 from ..engine.click_search import predict_object, uses_click_search
 from ..engine.predictor import VolumePredictor
 from ..engine.window_choice import predictor_for_box, windows_used
+from ..models.registry import MODELS
 from ..volume import Volume
 from ._controls import NEW_LABELS_LAYER, build_controls, status_text
 from ._events import Hookups
@@ -205,7 +206,7 @@ class SegmentWidget(QWidget):
             self.review.clear()  # it described the previous preview
             self.controls.propagation_label.setText("")
             self._boxes = make_boxes_layer(self._viewer, image)
-            self._points = make_points_layer(self._viewer, image)  # added last: the active layer for clicks
+            self._points = make_points_layer(self._viewer, image)  # then _select_prompt_tool picks the active one
             for layer in (self._points, self._boxes):
                 self._hookups.connect(layer.events.data, partial(self._on_prompts_changed, layer))
             self._hookups.add_mouse_callback(self._points, self._pick_point_sign)  # before napari's "add point"
@@ -213,6 +214,7 @@ class SegmentWidget(QWidget):
                 self._bind_keys(layer)  # the active layer's keys come first; ours must win over "s" = select
                 self._hookups.bind_key(layer, "Control-Z", lambda _layer: self.undo())
             self._reset_point_sign()
+            self._select_prompt_tool()
         return self._points, self._boxes, self._preview
 
     def _image_changed(self, *_args) -> None:
@@ -354,7 +356,7 @@ class SegmentWidget(QWidget):
         if layer is None and create and combo.currentText() == NEW_LABELS_LAYER and image is not None:
             layer = new_labels_layer(self._viewer, image, f"{image.name} labels")
             combo.select_layer(layer)
-            self._select_points_layer()
+            self._select_prompt_tool()
         return layer
 
     def commit(self) -> None:
@@ -401,9 +403,18 @@ class SegmentWidget(QWidget):
         self._preview.data[:] = 0
         self._preview.refresh()
 
-    def _select_points_layer(self) -> None:
-        if self._points is not None and self._points in self._viewer.layers:
-            self._viewer.layers.selection.active = self._points
+    @property
+    def best_prompt_layer(self):
+        """The prompt layer the chosen model works best with: boxes for box-trained models (LiteMedSAM, MedSAM:
+        a box beats a searched click on every real case in docs/results), points for SAM and MobileSAM."""
+        spec = MODELS.get(self.controls.model_combo.currentText())
+        return self._boxes if spec is not None and spec.automatic_prompt == "box" else self._points
+
+    def _select_prompt_tool(self) -> None:
+        layer = self.best_prompt_layer
+        if layer is not None and layer in self._viewer.layers:
+            self._viewer.layers.selection.active = layer
+            layer.mode = "add_rectangle" if layer is self._boxes else "add"  # napari resets an inactive layer's mode
 
     # -- long tasks --------------------------------------------------------------------------------
     def _run(self, name: str, compute, on_success) -> bool:
@@ -514,7 +525,7 @@ class SegmentWidget(QWidget):
         def add_layer(labels: np.ndarray) -> None:
             where = "" if whole_volume else f" slice {z}"
             new_labels_layer(self._viewer, image, f"{image.name} auto-segmentation{where}", labels)
-            self._select_points_layer()
+            self._select_prompt_tool()
 
         self._run("auto-segment volume" if whole_volume else f"auto-segment slice {z}", compute, add_layer)
 

@@ -62,6 +62,11 @@ def test_widget_is_contributed_by_the_manifest(make_napari_viewer):
     assert widget.image_layer is viewer.layers["sample CT"]
     image = viewer.layers["sample CT"]
     assert tuple(image.scale) == (3.0, 3.0, 3.0) and image.data.shape == (30, 101, 122)
+    # LiteMedSAM was trained on boxes: the widget starts with the boxes layer active, in rectangle mode.
+    points, boxes, _preview = widget.prompt_layers()
+    assert viewer.layers.selection.active.name == boxes.name and boxes.mode == "add_rectangle"
+    widget.controls.model_combo.setCurrentText("vit_b")
+    assert widget.best_prompt_layer is points  # SAM is point-trained
 
 
 def test_box_and_clicks_give_an_accurate_preview_without_re_encoding(segment_widget, qtbot):
