@@ -1,4 +1,4 @@
-"""Clicks with the box-trained LiteMedSAM: real forward passes on the sample CT and on ../shared/cases lung1."""
+"""Clicks with the box-trained LiteMedSAM: real forward passes on the sample CT and on ../shared/cases lung1, ctchest."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_sam_ft.engine.click_search import candidate_boxes, predict_object, uses_click_search
+from napari_sam_ft.engine.click_search import candidate_boxes, intensity_regions, predict_object, uses_click_search
 from napari_sam_ft.engine.prompts import box_from_mask, interior_point
 from napari_sam_ft.metrics import dice
 
@@ -100,4 +100,33 @@ def test_one_click_on_the_lung1_lesion_reaches_the_box_target(litemedsam, shared
     box_dice = dice(predict_object(predictor, index, None, None, box_from_mask(reference)).mask, reference)
     click_dice = dice(predict_object(predictor, index, _click(reference), np.ones(1, np.int64)).mask, reference)
     assert box_dice > 0.8
+    assert click_dice >= CLICK_TO_BOX * box_dice, (click_dice, box_dice)
+
+
+def test_intensity_regions_also_cut_two_regions_joined_by_a_neck():
+    image = np.zeros((60, 100), np.float32)
+    image[10:50, 5:45] = image[10:50, 55:95] = 1.0
+    image[28:31, 45:55] = 1.0  # a 3-pixel bridge, as the trachea joins the lungs
+    regions = intensity_regions(image, (30, 20))
+    assert any((region == (image > 0)).all() for region in regions)
+    assert any(region[10:50, 5:45].all() and not region[:, 55:].any() for region in regions)
+
+
+def _read_case(litemedsam, shared_cache, image_name: str, labels_name: str):
+    from napari_sam_ft.scan_jobs import predictor_for
+    from napari_sam_ft.volume import read_labels, read_volume
+
+    image = read_volume(_case(image_name))
+    labels = read_labels(_case(labels_name), like=image).array
+    return predictor_for(litemedsam, image, "auto", shared_cache), np.asarray(labels)
+
+
+@pytest.mark.parametrize("class_id", [5, 6])  # the right and the left lung: clicked off their box's centre
+def test_one_click_on_a_lung_gives_the_lung(litemedsam, shared_cache, class_id):
+    predictor, labels = _read_case(litemedsam, shared_cache, "slicer_ctchest.nrrd", "slicer_ctchest.seg.nrrd")
+    index = int(np.argmax((labels == class_id).sum(axis=(1, 2))))
+    reference = labels[index] == class_id
+    box_dice = dice(predict_object(predictor, index, None, None, box_from_mask(reference)).mask, reference)
+    click_dice = dice(predict_object(predictor, index, _click(reference), np.ones(1, np.int64)).mask, reference)
+    assert box_dice > 0.9
     assert click_dice >= CLICK_TO_BOX * box_dice, (click_dice, box_dice)
