@@ -120,7 +120,8 @@ def run_embed(args) -> int:
         encoded = predictor.encode_volume(progress=update)
     seconds = time.perf_counter() - started
     print(f"encoded {encoded} slices ({volume.num_slices - encoded} already cached) in {seconds:.1f} s "
-          f"on {predictor.model.device} ({predictor.precision_name}); cache key {predictor.cache_key.digest()}")
+          f"on {predictor.model.device} ({predictor.precision_name}, {predictor.encoder_runtime}); "
+          f"cache key {predictor.cache_key.digest()}")
     return 0
 
 

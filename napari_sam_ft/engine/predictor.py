@@ -192,6 +192,11 @@ class VolumePredictor:
         """The ONNX Runtime encoder where it applies now (fp32 on a CPU, base encoder), else None: torch eager."""
         return onnx_encoder_for(self.model) if self.encoder_dtype is None and self.use_onnx_encoder else None
 
+    @property
+    def encoder_runtime(self) -> str:
+        """What runs the image encoder now: "onnxruntime" or "torch"."""
+        return "onnxruntime" if self.onnx_encoder() is not None else "torch"
+
     def encode_slices(self, slice_indices, progress: ProgressCallback | None = None,
                       should_cancel: CancelCheck | None = None, skip_cached: bool = True) -> int:
         """Encode and cache the given slices in batches; returns how many were encoded.
