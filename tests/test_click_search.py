@@ -39,15 +39,7 @@ def test_only_box_trained_models_search_boxes(ct_predictor):
     assert boxes[:, [0, 1]].min() >= 0 and boxes[:, 2].max() <= 122 and boxes[:, 3].max() <= 101
 
 
-# Measured at the commit that added this: one click on the spleen reaches 0.78 against a box Dice of 0.95 on
-# this slice; the box search does not yet find the whole of an organ whose interior point is far from its
-# centre. Strict: the day it passes, this marker must go.
-ORGANS_BELOW_TARGET = pytest.mark.xfail(strict=True, reason="issue 9 open: a click on the spleen of the sample CT "
-                                        "reaches 0.78 Dice, below 0.85 x the box Dice")
-
-
-@pytest.mark.parametrize("class_id", [STOMACH, VERTEBRA_L1, LIVER,
-                                      pytest.param(SPLEEN, marks=ORGANS_BELOW_TARGET)])
+@pytest.mark.parametrize("class_id", [STOMACH, VERTEBRA_L1, LIVER, SPLEEN])
 def test_one_click_on_an_organ_gives_its_mask(ct_predictor, ct_sample, class_id):
     reference = ct_sample.labels.array[SLICE] == class_id
     box_dice = dice(predict_object(ct_predictor, SLICE, None, None, box_from_mask(reference)).mask, reference)

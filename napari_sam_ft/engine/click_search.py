@@ -56,6 +56,9 @@ class ClickSearchSettings:
     stability_power: float = 2.0
     minimum_centrality: float = 0.5
     refitted_candidates: int = 6  # the best this many by IoU x centrality are refitted to measure stability
+    # Of the masks scoring within this share of the best, the smallest is taken: a click names the most specific
+    # structure it lies in (the aorta, not the body around it), as SAM's "part" before its "whole".
+    specificity: float = 0.95
     refit_margin_fraction: float = 0.1  # the refitted box: the mask's box grown by this share of its size
     refit_margin_pixels: float = 1.0  # plus this
 
@@ -238,19 +241,19 @@ def search_click(predictor: VolumePredictor, slice_index: int, click_xy, avoid_x
     candidates = candidates[:settings.refitted_candidates]
     refit_boxes = np.stack([_refit_box(part, settings) for _, part, _ in candidates])
     refit_masks, refit_scores, refit_low_res = _decode_boxes(predictor, slice_index, refit_boxes)
-    best_value, best = -1.0, None
+    scored = []  # (score, area, prediction)
     for (index, part, centrality), refit_mask, refit_score, refit_low in zip(candidates, refit_masks, refit_scores,
                                                                               refit_low_res):
         refitted = _part_holding(refit_mask, pixel)
         stability = 0.0 if refitted is None else float((refitted & part).sum() / max((refitted | part).sum(), 1))
         value = float(scores[index]) * centrality ** settings.centrality_power * stability ** settings.stability_power
-        if value <= best_value:
-            continue
-        best_value = value
         keeps_click = (refitted is not None and not any(refitted[point] for point in avoid)
                        and _centrality(refitted, pixel) >= 0.8 * centrality)
-        best = (Prediction(refitted, float(refit_score), refit_low) if keeps_click
-                else Prediction(part, float(scores[index]), low_res[index]))
+        prediction = (Prediction(refitted, float(refit_score), refit_low) if keeps_click
+                      else Prediction(part, float(scores[index]), low_res[index]))
+        scored.append((value, int(part.sum()), prediction))
+    best_value = max(value for value, _, _ in scored)
+    best = min((entry for entry in scored if entry[0] >= settings.specificity * best_value), key=lambda entry: entry[1])[2]
     return best
 
 
