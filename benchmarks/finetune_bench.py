@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -119,19 +120,22 @@ def automatic_dice(predictor, reference: np.ndarray, slices: list[int], class_id
     return class_dice(labels, reference[slices], class_ids)
 
 
-def whole_volume_seconds_per_slice(model, image, precision: str) -> float:
-    """Automatic segmentation of every slice with the active adapter, encoding included (fresh cache).
+def whole_volume_seconds_per_slice(model, image, precision: str) -> tuple[float, float]:
+    """Automatic segmentation of every slice with the active adapter, encoding included (fresh cache):
+    (wall-clock seconds, CPU seconds of this process) per slice of the volume.
 
-    ``precision`` "fp32" times it as on a CPU without native bf16 (the target machine of issue 10).
+    ``precision`` "fp32" times it as on a CPU without native bf16 (the target machine of issue 10). On a
+    machine shared with other jobs the CPU seconds divided by the torch threads estimate a quiet run.
     """
     from napari_sam_ft.engine.automatic import segment_volume
     from napari_sam_ft.engine.cache import EmbeddingCache
     from napari_sam_ft.engine.predictor import VolumePredictor
 
     predictor = VolumePredictor(model, image, cache=EmbeddingCache(), precision=precision)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     segment_volume(predictor)
-    return (time.perf_counter() - started) / image.num_slices
+    return ((time.perf_counter() - started) / image.num_slices,
+            (time.process_time() - cpu_started) / image.num_slices)
 
 
 def quiet_seconds(cpu_seconds: float) -> float:
@@ -168,7 +172,7 @@ def fmt(value, digits: int = 3) -> str:
 
 
 HEADER = ("| case | load | scope | prompt mode | automatic Dice | box Dice | steps (done/planned) | stopped | train s "
-          "| train CPU s (quiet estimate s) | adapter MB | auto s/slice (whole volume, fp32) |\n"
+          "| train CPU s (quiet estimate s) | adapter MB | auto s/slice, whole volume, fp32 (CPU s/slice) |\n"
           "|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
@@ -176,7 +180,13 @@ def table_row(row: dict) -> str:
     steps = f"{row['steps']}/{row['steps_planned']}" if row.get("steps") is not None else "-"
     return (f"| {row['case']} | {row['load']} | {row['scope']} | {row['prompt']} | {fmt(row.get('automatic'))} | "
             f"{fmt(row.get('box'))} | {steps} | {row.get('stopped') or '-'} | {fmt(row.get('train_s'), 0)} | "
-            f"{cpu_cell(row)} | {fmt(row.get('adapter_mb'), 2)} | {fmt(row.get('auto_s_per_slice'), 2)} |")
+            f"{cpu_cell(row)} | {fmt(row.get('adapter_mb'), 2)} | {timing_cell(row)} |")
+
+
+def timing_cell(row: dict) -> str:
+    if row.get("auto_cpu_s_per_slice") is None:
+        return fmt(row.get("auto_s_per_slice"), 2)
+    return f"{row['auto_s_per_slice']:.2f} ({row['auto_cpu_s_per_slice']:.2f})"
 
 
 def cpu_cell(row: dict) -> str:
@@ -191,14 +201,17 @@ def machine() -> dict:
     from napari_sam_ft.devices import autocast_dtype, cpu_model_name, dtype_name
 
     return {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "cpu": cpu_model_name(), "torch_threads": torch.get_num_threads(),
-            "encoder_precision": dtype_name(autocast_dtype(torch.device("cpu")))}
+            "encoder_precision": dtype_name(autocast_dtype(torch.device("cpu"))),
+            "load_average": round(os.getloadavg()[0], 1)}
 
 
 def write_tables(out: Path, rows: list[dict], about: dict) -> None:
     (out / "finetune.json").write_text(json.dumps({"machine": about, "rows": rows}, indent=1, default=str))
     lines = ["# Few-shot fine-tuning on real scans", "",
              f"{about['date']}, {about['cpu']}, {about['torch_threads']} torch threads, encoder precision "
-             f"{about['encoder_precision']}. 5 annotated slices per structure; every other labelled slice held "
+             f"{about['encoder_precision']}, load average {about.get('load_average', '-')} at the start (wall-clock "
+             "seconds are quiet-machine figures only when that is below the number of cores; the training CPU "
+             "seconds divided by the torch threads estimate a quiet run). 5 annotated slices per structure; every other labelled slice held "
              "out and scored. Command: `napari-sam-ft bench finetune -- --cases ../shared/cases`.", "", HEADER]
     lines += [table_row(row) for row in rows]
     lines += ["", "## Targets (issue 10)", "",
@@ -290,8 +303,8 @@ def run_case(name, image, reference, classes, args, model, done: dict, record) -
                         if mode == "none":
                             scores["automatic"] = automatic_dice(predictor(), reference, held_out, class_ids)
                             if not args.skip_timing:
-                                scores["auto_s_per_slice"] = whole_volume_seconds_per_slice(model, image,
-                                                                                           args.timing_precision)
+                                scores["auto_s_per_slice"], scores["auto_cpu_s_per_slice"] = \
+                                    whole_volume_seconds_per_slice(model, image, args.timing_precision)
                         else:
                             scores["box"] = box_dice(predictor(), reference, held_out, class_ids)
                     finally:
