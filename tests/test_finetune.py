@@ -16,6 +16,13 @@ from napari_sam_ft.models.registry import load_model
 from napari_sam_ft.sample import load_sample
 
 
+@pytest.fixture(autouse=True)
+def _torch_eager_encoder(monkeypatch):
+    """These tests compare the engine's embeddings with training's torch-eager ones bit for bit; on a CPU
+    without bf16 the engine would otherwise encode through ONNX Runtime (equal to ~3e-6, not bitwise)."""
+    monkeypatch.setenv("NAPARI_SAM_FT_ONNX_ENCODER", "0")
+
+
 @pytest.fixture(scope="module")
 def model():
     return load_model()

@@ -20,6 +20,16 @@ SLICE = 15
 BOX = np.array([40, 30, 90, 80], np.float32)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _torch_eager_encoder():
+    """These tests compare the engine's embeddings with training's torch-eager ones bit for bit; on a CPU
+    without bf16 the engine would otherwise encode through ONNX Runtime (equal to ~3e-6, not bitwise).
+    Module scope: the module's cached outputs are computed under it too."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NAPARI_SAM_FT_ONNX_ENCODER", "0")
+        yield
+
+
 @pytest.fixture(scope="module")
 def model():
     return load_model()

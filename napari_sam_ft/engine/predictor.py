@@ -7,6 +7,8 @@ All prompt coordinates are in volume pixel units of the current slice, SAM-style
 
 from __future__ import annotations
 
+import os
+
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -108,7 +110,8 @@ class VolumePredictor:
         self.cache = cache if cache is not None else EmbeddingCache()
         self.encoder_dtype = autocast_dtype(model.device, precision)
         # fp32 on a CPU runs the base encoder through ONNX Runtime (engine.onnx_encoder); False: torch eager.
-        self.use_onnx_encoder = True
+        # NAPARI_SAM_FT_ONNX_ENCODER=0 keeps torch eager (its embeddings differ from ONNX Runtime's by ~3e-6).
+        self.use_onnx_encoder = os.environ.get("NAPARI_SAM_FT_ONNX_ENCODER", "1") != "0"
         self.batch_size = batch_size or default_batch_size(model)
         self.volume_hash = volume_content_hash(volume.array)
         self.encoder_calls = 0
