@@ -8,7 +8,6 @@ All prompt coordinates are in volume pixel units of the current slice, SAM-style
 from __future__ import annotations
 
 import os
-
 import time
 from dataclasses import dataclass
 from typing import Callable

@@ -59,7 +59,7 @@ def window_for_box(raw_slice: np.ndarray, box_xyxy) -> Window:
     if not is_air.size or float(is_air.mean()) <= AIR_FRACTION:
         return SOFT_TISSUE_WINDOW
     rows, cols = is_air.shape
-    middle = is_air[rows // 4: rows - rows // 4 or None, cols // 4: cols - cols // 4 or None]
+    middle = is_air[rows // 4: rows - rows // 4, cols // 4: cols - cols // 4]  # never empty: rows // 4 < rows / 2
     return WIDE_CT_WINDOW if float(middle.mean()) > AIR_FILLED_CENTRE else SOLID_IN_AIR_WINDOW
 
 
