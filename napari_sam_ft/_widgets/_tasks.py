@@ -11,7 +11,7 @@ from qtpy.QtCore import QObject, Slot
 
 from ..engine import automatic
 from ..engine.predictor import VolumePredictor
-from ..engine.propagate import propagate_mask, regrow_between_keys
+from ..engine.propagate import propagate_objects, regrow_between_keys
 from ..volume import Volume
 from ._controls import SegmentControls
 from ..finetune.adapters import AdapterError
@@ -112,8 +112,8 @@ def propagation(key_masks: dict[int, np.ndarray], stop_iou: float, slice_range: 
 
     def compute(predictor, progress, should_cancel):
         scores: dict[int, float] = {}
-        grown = propagate_mask(predictor, key_masks, stop_iou=stop_iou, slice_range=slice_range,
-                               progress=progress, should_cancel=should_cancel, scores=scores)
+        grown = propagate_objects(predictor, key_masks, stop_iou=stop_iou, slice_range=slice_range,
+                                  progress=progress, should_cancel=should_cancel, scores=scores)
         return grown, scores
 
     return compute

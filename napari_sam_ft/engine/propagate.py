@@ -23,7 +23,7 @@ import numpy as np
 from scipy import ndimage
 
 from .predictor import Cancelled, CancelCheck, ProgressCallback, VolumePredictor
-from .prompts import box_from_mask
+from .prompts import box_from_mask, user_objects_on_slice
 from .window_choice import predictor_for_box
 
 DEFAULT_STOP_IOU = 0.6  # LiteMedSAM's predicted IoU on a tight box is lower than on a loose one; 0.7 stopped lungs
@@ -245,4 +245,53 @@ def propagate_mask(predictor: VolumePredictor, key_masks: dict[int, np.ndarray],
             report[side] = {"reached": int(reached), "stop": reason}
     if progress:
         progress(total, total)
+    return result
+
+
+
+
+def propagate_objects(predictor: VolumePredictor, key_masks: dict[int, np.ndarray], *,
+                      stop_iou: float = DEFAULT_STOP_IOU, min_area_ratio: float = DEFAULT_MIN_AREA_RATIO,
+                      slice_range: tuple[int, int] | None = None,
+                      progress: ProgressCallback | None = None, should_cancel: CancelCheck | None = None,
+                      report: dict | None = None, scores: dict[int, float] | None = None) -> np.ndarray:
+    """``propagate_mask``, with each separate piece of a single key slice's mask grown on its own.
+
+    A label drawn on both sides of the brain (left and right hippocampus) is two objects: grown together, the
+    box around both covers the brain between them. With one key slice, each connected piece that a user would
+    prompt (``user_objects_on_slice``) is grown by ``propagate_mask`` and the results are joined; specks stay on
+    the key slice. With several key slices the pieces cannot be told apart between keys, so the
+    mask is grown as one object. ``report`` gets, per side, the farthest slice any piece reached (and why that
+    piece stopped) plus each piece's own report under "objects"; ``scores`` gets each slice's weakest
+    predicted IoU over the pieces.
+    """
+    keys = _key_slices(predictor, key_masks)
+    pieces = []
+    if len(keys) == 1:
+        key_mask = np.asarray(key_masks[keys[0]], dtype=np.uint8)
+        pieces = [piece for _, piece in user_objects_on_slice(key_mask, [1])]
+    options = dict(stop_iou=stop_iou, min_area_ratio=min_area_ratio, slice_range=slice_range,
+                   should_cancel=should_cancel)
+    if len(pieces) <= 1:
+        return propagate_mask(predictor, key_masks, progress=progress, report=report, scores=scores, **options)
+
+    result = np.zeros((predictor.volume.num_slices, *predictor.slice_shape), dtype=bool)
+    result[keys[0]] = key_masks[keys[0]]
+    piece_reports = []
+    for number, piece in enumerate(pieces):
+        def piece_progress(done, total, number=number):
+            if progress:
+                progress(number * total + done, len(pieces) * total)
+
+        piece_report, piece_scores = {}, {}
+        result |= propagate_mask(predictor, {keys[0]: piece}, progress=piece_progress, report=piece_report,
+                                 scores=piece_scores, **options)
+        piece_reports.append(piece_report)
+        if scores is not None:
+            for index, score in piece_scores.items():
+                scores[index] = min(score, scores.get(index, score))
+    if report is not None:
+        for side, farthest in (("below", min), ("above", max)):
+            report[side] = dict(farthest((entry[side] for entry in piece_reports), key=lambda entry: entry["reached"]))
+        report["objects"] = piece_reports
     return result

@@ -7,7 +7,7 @@ import numpy as np
 from .click_search import predict_object
 from .predictor import CancelCheck, ProgressCallback, VolumePredictor
 from .prompts import SlicePrompt
-from .propagate import DEFAULT_MIN_AREA_RATIO, DEFAULT_STOP_IOU, propagate_mask
+from .propagate import DEFAULT_MIN_AREA_RATIO, DEFAULT_STOP_IOU, propagate_objects
 
 
 def predict_prompt(predictor: VolumePredictor, prompt: SlicePrompt) -> np.ndarray:
@@ -35,8 +35,8 @@ def segment_prompts(predictor: VolumePredictor, prompts: list[SlicePrompt], prop
             progress(done + 1, len(prompts))
     for step, (label, masks) in enumerate(sorted(key_masks.items())):
         if propagate:
-            grown = propagate_mask(predictor, masks, stop_iou=stop_iou, min_area_ratio=min_area_ratio,
-                                   should_cancel=should_cancel)
+            grown = propagate_objects(predictor, masks, stop_iou=stop_iou, min_area_ratio=min_area_ratio,
+                                      should_cancel=should_cancel)
             labels[grown & (labels == 0)] = label
             if progress:
                 progress(step + 1, len(key_masks))

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from ..devices import autocast_context, autocast_dtype, dtype_name
+from ..engine.prompts import objects_on_slice
 from ..models.registry import LoadedModel
 from .adapters import adapter_size_bytes, base_network_copy, check_output_folder, save_adapter, window_record
 from .augment import AugmentSettings, augment_pair, jittered_box, sampled_points
@@ -45,7 +46,7 @@ from .data import AnnotatedSlice, TrainingData
 from .heads import ClassHead
 from .losses import batch_dice_ce, binary_dice_ce
 from .scopes import SCOPES, LoraSettings, TrainableModel, prepare_scope
-from .validation import MODE_VALIDATION, class_logits, decode_prompts, objects_on_slice, pad_points, score_slices
+from .validation import MODE_VALIDATION, class_logits, decode_prompts, pad_points, score_slices
 
 # Which prompts an adapter is trained for (``finetune --prompt``); "mixed" = boxes and the no-prompt head.
 TRAINING_PROMPT_MODES = ("box", "point", "none", "mixed")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..engine.prompts import box_from_mask, interior_point
+from ..engine.prompts import box_from_mask, interior_point, objects_on_slice
 from ..models.registry import Preprocessing
 
 PROMPTED_MODES = ("box", "point")
@@ -90,24 +90,6 @@ class ClassDice:
     def mean(self) -> float:
         scores = self.per_class()
         return float(np.mean(list(scores.values()))) if scores else float("nan")
-
-
-def objects_on_slice(labels: np.ndarray, class_ids: Sequence[int]) -> list[tuple[int, np.ndarray]]:
-    """(class id, (H, W) bool mask) for every object on a label slice: each connected piece of a class.
-
-    A user boxes or clicks each piece they see (a left and a right hippocampus are two boxes), so
-    prompted training and scoring do the same; one box around both would cover the brain between them.
-    """
-    from scipy import ndimage
-
-    present = set(np.unique(labels).tolist())
-    objects = []
-    for class_id in class_ids:
-        if class_id not in present:
-            continue
-        pieces, count = ndimage.label(labels == class_id)
-        objects.extend((class_id, pieces == piece) for piece in range(1, count + 1))
-    return objects
 
 
 @torch.no_grad()
