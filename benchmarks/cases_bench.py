@@ -215,6 +215,45 @@ def markdown(results: dict, header: str) -> str:
     return "\n".join(lines)
 
 
+SUMMARY_MODES = {"box": "box", "point": "single click", "propagate": "propagated from one key slice",
+                 "none": "automatic"}
+SAMPLES = ("sample_ct", "sample_mr")
+
+
+def summary(results: dict) -> str:
+    """The README's table: one row per class of the real cases, one mean row per bundled sample; the window
+    comparison per CT case in one sentence."""
+    modes = [mode for mode in SUMMARY_MODES if mode in results["modes"]]
+    by_mode = {mode: {(row["case"], row["class"]): row for row in results["modes"][mode]} for mode in modes}
+    reference_rows = results["modes"][modes[0]]
+    keys = list(dict.fromkeys((row["case"], row["class"]) for row in reference_rows))
+    lines = [f"From `{results['command'].strip()}` ({results['date']}, {results['machine']}; "
+             "[docs/results/cases.md](docs/results/cases.md), which also has click + box and every class of the "
+             f"samples). Dice on up to {results['max_slices']} labelled slices per case, one prompt per object "
+             "(each separate piece of a label) per slice:", "",
+             "| case | class | " + " | ".join(SUMMARY_MODES[mode] for mode in modes) + " | naive LiteMedSAM loop, box |",
+             "|---|---|" + "---|" * (len(modes) + 1)]
+
+    def cell(values):
+        values = [value for value in values if value is not None]
+        return f"{np.mean(values):.3f}" if values else "-"
+
+    for case in dict.fromkeys(case for case, _ in keys):
+        classes = [name for key_case, name in keys if key_case == case]
+        groups = [(f"mean of {len(classes)} classes", classes)] if case in SAMPLES else [(name, [name]) for name in classes]
+        for title, names in groups:
+            values = [cell(by_mode[mode][(case, name)]["dice"] for name in names if (case, name) in by_mode[mode])
+                      for mode in modes]
+            naive = cell(by_mode[modes[0]][(case, name)]["naive_box"] for name in names)
+            lines.append(f"| {case} | {title} | " + " | ".join(values) + f" | {naive} |")
+    if results.get("windows"):
+        parts = [f"{row['case']} automatic {row['auto']:.3f}, best fixed "
+                 f"{max(row[window] for window in FIXED_CT_WINDOWS):.3f}, naive loop {row['naive']:.3f}"
+                 for row in results["windows"]]
+        lines += ["", "CT windows with box prompts (mean Dice over classes): " + "; ".join(parts) + "."]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="napari-sam-ft bench cases", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -226,7 +265,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency", action="store_true", help="also time clicks and the encoder on lung1")
     parser.add_argument("--latency-slices", type=int, default=16)
     parser.add_argument("--output", default=str(REPO / "docs" / "results"), help="folder for cases.md and cases.json")
+    parser.add_argument("--summary-of", default=None, metavar="CASES_JSON",
+                        help="only print the README summary of a cases.json this command wrote, and exit")
     args = parser.parse_args(argv)
+    if args.summary_of:
+        print(summary(json.loads(Path(args.summary_of).read_text())))
+        return 0
 
     import sys
 
