@@ -89,8 +89,7 @@ def annotated_slices(reference: np.ndarray, class_ids, per_structure: int) -> li
 def box_dice(predictor, reference: np.ndarray, slices: list[int], class_ids) -> float:
     """Mean Dice of the tight-box prompt of every object (connected piece of a class) on the held-out slices,
     as a user boxes each piece they see (``engine.prompts.objects_on_slice``)."""
-    from napari_sam_ft.engine.prompts import box_from_mask
-    from napari_sam_ft.engine.prompts import objects_on_slice
+    from napari_sam_ft.engine.prompts import box_from_mask, objects_on_slice
     from napari_sam_ft.metrics import dice
 
     scores = []

@@ -34,10 +34,10 @@ def segment_with_reference_prompts(predictor: VolumePredictor, reference: np.nda
                                    should_cancel: CancelCheck | None = None) -> dict[int, np.ndarray]:
     """One simulated prompt per object per slice (a reference box, one click deep inside it, or both).
 
-    An object is a connected piece of a class on a slice (``user_objects_on_slice``: specks left out): a user boxes
-    the left and the right hippocampus apart, as one box around both would cover the brain between them. Each object is
-    segmented on its own through the same ``predict_object`` the widget uses (window per prompt, clicks
-    searched for box-trained models); a class's mask is the union of its objects'. Returns {class id:
+    An object is a connected piece of a class on a slice (``user_objects_on_slice``: specks left out): a user
+    boxes the left and the right hippocampus apart, as one box around both would cover the brain between them.
+    Each object is segmented on its own through the same ``predict_object`` the widget uses (window per prompt,
+    clicks searched for box-trained models); a class's mask is the union of its objects'. Returns {class id:
     (Z, H, W) bool mask}.
     """
     masks_by_class = {class_id: np.zeros(reference.shape, bool) for class_id in class_ids}

@@ -189,20 +189,17 @@ def box_from_mask(mask: np.ndarray, margin: float = 0.0) -> np.ndarray | None:
 
 
 # A simulated user prompts each piece of a class they see, but not specks: pieces smaller than this fraction of
-# the class's largest piece on the slice, or than USER_MIN_PIECE_PIXELS (a click on a one-pixel fragment of a
-# lung finds the whole chest; no user clicks there).
+# the class's largest piece on the slice (a click on a fragment at a lung's apex finds the whole chest).
 USER_MIN_PIECE_FRACTION = 0.1
-USER_MIN_PIECE_PIXELS = 5
 
 
-def objects_on_slice(labels: np.ndarray, class_ids: Sequence[int], min_fraction: float = 0.0,
-                     min_pixels: int = 1) -> list[tuple[int, np.ndarray]]:
+def objects_on_slice(labels: np.ndarray, class_ids: Sequence[int],
+                     min_fraction: float = 0.0) -> list[tuple[int, np.ndarray]]:
     """(class id, (H, W) bool mask) for every object on a label slice: each connected piece of a class.
 
     A user boxes or clicks each piece they see (a left and a right hippocampus are two boxes), so
     prompted training and scoring do the same; one box around both would cover the brain between them.
-    Pieces smaller than ``min_fraction`` of their class's largest piece on the slice, or than ``min_pixels``,
-    are left out.
+    Pieces smaller than ``min_fraction`` of their class's largest piece on the slice are left out.
     """
     present = set(np.unique(labels).tolist())
     objects = []
@@ -218,7 +215,7 @@ def objects_on_slice(labels: np.ndarray, class_ids: Sequence[int], min_fraction:
 
 def user_objects_on_slice(labels: np.ndarray, class_ids: Sequence[int]) -> list[tuple[int, np.ndarray]]:
     """The objects a simulated user prompts on a label slice: ``objects_on_slice`` without the specks."""
-    return objects_on_slice(labels, class_ids, USER_MIN_PIECE_FRACTION, USER_MIN_PIECE_PIXELS)
+    return objects_on_slice(labels, class_ids, USER_MIN_PIECE_FRACTION)
 
 
 def pixel_centres_xy(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:

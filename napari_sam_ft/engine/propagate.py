@@ -248,8 +248,6 @@ def propagate_mask(predictor: VolumePredictor, key_masks: dict[int, np.ndarray],
     return result
 
 
-
-
 def propagate_objects(predictor: VolumePredictor, key_masks: dict[int, np.ndarray], *,
                       stop_iou: float = DEFAULT_STOP_IOU, min_area_ratio: float = DEFAULT_MIN_AREA_RATIO,
                       slice_range: tuple[int, int] | None = None,
