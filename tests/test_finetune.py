@@ -82,7 +82,10 @@ def test_trainable_parameter_counts_per_scope(model):
     assert len(decoder_layers) == 28
     assert {name.rsplit(".", 1)[1] for name in decoder_layers} == {"q_proj", "k_proj", "v_proj", "out_proj"}
     assert lora.trainable_count() == expected_lora_count(sam, LoraSettings(rank=8))
-    assert decoder.trainable_count() == sum(p.numel() for p in sam.mask_decoder.parameters())
+    transformer_mlps = sum(p.numel() for layer in sam.mask_decoder.transformer.layers for p in layer.mlp.parameters())
+    assert transformer_mlps > 2_000_000
+    assert decoder.trainable_count() == sum(p.numel() for p in sam.mask_decoder.parameters()) - transformer_mlps
+    assert not any(p.requires_grad for layer in decoder.sam.mask_decoder.transformer.layers for p in layer.mlp.parameters())
     assert full.trainable_count() == sum(p.numel() for p in sam.parameters())
     assert lora.trainable_count() < decoder.trainable_count() < full.trainable_count()
     assert lora.encoder_trainable and not decoder.encoder_trainable and full.encoder_trainable
@@ -113,7 +116,8 @@ def test_train_adapter_saves_a_working_adapter_and_leaves_the_model_alone(model,
     assert result.adapter_dir is not None and result.steps == 2 and result.stopped == "steps"
     assert set(result.val_dice_before) == {"box", "none"} and set(result.val_dice_after) == {"box", "none"}
     assert result.val_dice_before["box"] > 0.5  # zero-shot box prompts already work on the CT
-    assert result.trainable_parameters > sum(p.numel() for p in model.sam.mask_decoder.parameters())
+    decoder = sum(p.numel() for p in model.sam.mask_decoder.parameters())
+    assert decoder // 2 < result.trainable_parameters < decoder  # the transformer's MLPs stay frozen
     phases = [metrics["phase"] for _, _, metrics in events]
     assert phases[0] == "encoding" and phases.index("start") < phases.index("planned") and phases[-1] == "decoder"
     planned = next(metrics for _, _, metrics in events if metrics["phase"] == "planned")
@@ -197,7 +201,8 @@ def test_cancel_mid_epoch_keeps_the_best_adapter_so_far(model, data, ct, tmp_pat
     assert result.adapter_dir is not None
     assert len(validations) == 2  # before training and after step 4
     assert "STOPPED EARLY (cancelled) after 6 of 20 planned steps" in result.warning
-    assert result.val_dice_after["none"] == pytest.approx(max(validations))
+    # The best validation's weights, measured again as stored (fp16): the same Dice up to that rounding.
+    assert result.val_dice_after["none"] == pytest.approx(max(validations), abs=0.005)
     info = load_adapter(model, result.adapter_dir)
     try:
         _, scores = engine_validation_scores(model, ct, data, ("none",))

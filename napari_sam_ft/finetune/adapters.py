@@ -354,14 +354,23 @@ def _swap_tuned_modules(model: LoadedModel, info: AdapterInfo) -> AttachedAdapte
         raise AdapterError(f"{info.adapter_dir}: a {info.scope} adapter needs {TUNED_WEIGHTS_FILE}")
     weights = _load_safetensors(path, model.device)
     replacements = {}
+    prefixes = tuple(f"{name}." for name in TUNED_MODULES[info.scope])
+    foreign = sorted(key for key in weights if not key.startswith(prefixes))
+    if foreign:
+        raise AdapterError(f"{path}: holds weights outside the {info.scope} scope ({', '.join(foreign[:3])}...)")
     for module_name in TUNED_MODULES[info.scope]:
         prefix = f"{module_name}."
         tuned = copy.deepcopy(getattr(model.sam, module_name))
+        # The weights a scope leaves frozen are not stored (older adapters stored them all): those keep the
+        # base values of the copy.
+        stored = {key[len(prefix):]: value for key, value in weights.items() if key.startswith(prefix)}
         try:
-            tuned.load_state_dict({key[len(prefix):]: value for key, value in weights.items()
-                                   if key.startswith(prefix)})
+            result = tuned.load_state_dict(stored, strict=False)
         except RuntimeError as error:
             raise AdapterError(f"{path}: weights do not fit this model's {module_name} ({error})") from error
+        if result.unexpected_keys:
+            raise AdapterError(f"{path}: weights do not fit this model's {module_name} "
+                               f"({len(result.unexpected_keys)} unexpected keys, e.g. {result.unexpected_keys[0]})")
         replacements[module_name] = tuned.eval().requires_grad_(False)
     originals = {name: getattr(model.sam, name) for name in replacements}
     for name, module in replacements.items():

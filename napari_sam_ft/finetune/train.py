@@ -589,6 +589,9 @@ def train_adapter(model: LoadedModel, data: TrainingData, output_dir: str | Path
         return TrainingResult(None, None, val_dice_before, {}, trainer.trainable_parameters(), seconds, trainer.step,
                               stopped, **common)
     trainer.restore_best()
+    if settings.scope != "lora":  # its weights are stored rounded to fp16: record the Dice of what the file holds
+        trainer.best_scores = trainer.validate(None if trainer.trainable.encoder_trainable
+                                               else trainer.validation_embeddings)
     metadata = _metadata(model, data, settings, trainer, val_dice_before, seconds, stopped, steps_planned)
     info = save_adapter(output_dir, scope=settings.scope, weights=trainer.best_state[0],
                         lora_config=trainer.trainable.lora_config, class_head=trainer.head, metadata=metadata)
