@@ -35,6 +35,7 @@ from scipy import ndimage
 from .predictor import Prediction, VolumePredictor
 from .prompts import box_from_mask
 from .window_choice import predictor_for_box
+from .zoom import predict_box
 
 
 @dataclass(frozen=True)
@@ -282,7 +283,7 @@ def predict_clicks(predictor: VolumePredictor, slice_index: int, points_xy: np.n
     mask = np.zeros(shape, bool)
     score, low_res = 0.0, None
     if box is not None:
-        first = predictor.predict(box=box, slice_index=slice_index)
+        first = predict_box(predictor, slice_index, box)
         mask, score, low_res = first.mask.copy(), first.score, first.low_res_logits
     for click in positives:
         if mask[_pixel(click, shape)]:
@@ -320,7 +321,8 @@ def predict_object(predictor: VolumePredictor, slice_index: int, points_xy: np.n
     """One object on one slice from a user's clicks and/or box: the one way the CLI, evaluate and the widget segment.
 
     The window is chosen per prompt where the predictor's window is automatic (``engine.window_choice``):
-    from under the box, or, for clicks alone, from under each candidate box the search decodes.
+    from under the box, or, for clicks alone, from under each candidate box the search decodes. A small box
+    is decoded on a zoomed crop (``engine.zoom``).
     Box-trained models turn clicks into boxes (``predict_clicks``); point-trained models take them as they
     are, a single click asking for SAM's three masks and keeping the best.
     """
@@ -329,7 +331,7 @@ def predict_object(predictor: VolumePredictor, slice_index: int, points_xy: np.n
         raise ValueError("a prompt needs a box or at least one click")
     chosen = predictor_for_box(predictor, slice_index, box)
     if not has_points:
-        return chosen.predict(box=box, slice_index=slice_index)
+        return predict_box(chosen, slice_index, box)
     if not uses_click_search(predictor):
         single_click = box is None and len(points_xy) == 1
         return chosen.predict(point_coords=points_xy, point_labels=point_labels, box=box,

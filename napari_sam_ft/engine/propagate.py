@@ -12,7 +12,8 @@ against ``--prompt box``), three things decide whether growth from one key slice
   lung's box lands on the liver dome below the diaphragm at IoU 0.86). Growth stops when fewer than half of
   the new mask's pixels have the intensities most of the key slice's object has (5-95 %, raw units), as
   well as on a low predicted IoU, a vanished mask or a collapsing area.
-- The window: each slice's CT window is chosen from under its box, as for box prompts.
+- The window: each slice's CT window is chosen from under its box, as for box prompts, and a small object's
+  boxes are decoded on a zoomed crop around them (``engine.zoom``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from scipy import ndimage
 from .predictor import Cancelled, CancelCheck, ProgressCallback, VolumePredictor
 from .prompts import box_from_mask, user_objects_on_slice
 from .window_choice import predictor_for_box
+from .zoom import decode_boxes, predict_box
 
 DEFAULT_STOP_IOU = 0.6  # LiteMedSAM's predicted IoU on a tight box is lower than on a loose one; 0.7 stopped lungs
 DEFAULT_MIN_AREA_RATIO = 0.2
@@ -101,7 +103,7 @@ def grow_into(predictor: VolumePredictor, slice_index: int, previous: np.ndarray
     """
     tight = box_from_mask(previous)
     boxes = np.stack([tight, box_from_mask(previous, margin=_box_margin(previous))])
-    masks, ious = predictor_for_box(predictor, slice_index, tight).predict_boxes(boxes, slice_index=slice_index)
+    masks, ious, _ = decode_boxes(predictor_for_box(predictor, slice_index, tight), slice_index, boxes)
     intensities = slice_intensities(predictor, slice_index)
     options = []
     for mask, iou in zip(masks, ious):
@@ -148,7 +150,7 @@ def _fill_between(predictor: VolumePredictor, first: int, first_mask: np.ndarray
     for index in range(first + 1, second):
         fraction = (index - first) / (second - first)
         box = (1 - fraction) * first_box + fraction * second_box
-        prediction = predictor_for_box(predictor, index, box).predict(box=box, slice_index=index)
+        prediction = predict_box(predictor_for_box(predictor, index, box), index, box)
         filled[index] = (prediction.mask, prediction.score)
         step()
     return filled
