@@ -3,17 +3,13 @@ hippocampus of ../shared/cases mni152 are one AAL label), and propagation grows 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
-import pytest
 from scipy import ndimage
 
 from napari_sam_ft.engine.click_search import predict_object
 from napari_sam_ft.engine.prompts import box_from_mask, objects_on_slice, user_objects_on_slice
 from napari_sam_ft.metrics import dice
 
-CASES = Path(__file__).resolve().parents[1].parent / "shared" / "cases"
 HIPPOCAMPUS = 3
 
 
@@ -29,21 +25,6 @@ def test_objects_are_the_connected_pieces_of_each_class_without_specks():
     prompted = user_objects_on_slice(labels, [2, 4])
     assert [(class_id, int(mask.sum())) for class_id, mask in prompted] == [(2, 100), (2, 80), (4, 25)]
     assert not user_objects_on_slice(labels, [7])
-
-
-@pytest.fixture(scope="module")
-def mni152(litemedsam, shared_cache):
-    from napari_sam_ft.scan_jobs import predictor_for
-    from napari_sam_ft.volume import read_labels, read_volume
-
-    image_path = CASES / "mni152_t1.nii.gz"
-    labels_path = CASES / "mni152_aal_amygdala_pallidum_hippocampus.nii.gz"
-    for path in (image_path, labels_path):
-        if not path.is_file():
-            pytest.fail(f"{path} is missing: these tests read the real cases in ../shared/cases beside the repository")
-    image = read_volume(image_path)
-    labels = np.asarray(read_labels(labels_path, like=image).array)
-    return predictor_for(litemedsam, image, "auto", shared_cache), labels
 
 
 def _two_sided_slice(labels: np.ndarray) -> int:

@@ -3,17 +3,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 from napari_sam_ft.engine.prompts import box_from_mask, user_objects_on_slice
-from napari_sam_ft.engine.zoom import Crop, ZoomSettings, cropped_predictor, decode_boxes, predict_box, zoom_crop
+from napari_sam_ft.engine.zoom import ZoomSettings, cropped_predictor, decode_boxes, predict_box, zoom_crop
 from napari_sam_ft.metrics import dice
 
-CASES = Path(__file__).resolve().parents[1].parent / "shared" / "cases"
 AMYGDALA, PALLIDUM, HIPPOCAMPUS = 1, 2, 3
 
 
@@ -35,21 +32,6 @@ def test_the_crop_is_a_square_around_the_boxes_inside_the_slice():
     assert pasted.shape == (1, 1, 217, 181) and float(pasted.sum()) == pytest.approx(40 * 40 - 20.0 * (217 * 181 - 1600))
     assert np.allclose(crop.boxes_into(np.array([100, 50, 120, 60], np.float32)),
                        [[100 - crop.left, 50 - crop.top, 120 - crop.left, 60 - crop.top]])
-
-
-@pytest.fixture(scope="module")
-def mni152(litemedsam, shared_cache):
-    from napari_sam_ft.scan_jobs import predictor_for
-    from napari_sam_ft.volume import read_labels, read_volume
-
-    image_path = CASES / "mni152_t1.nii.gz"
-    labels_path = CASES / "mni152_aal_amygdala_pallidum_hippocampus.nii.gz"
-    for path in (image_path, labels_path):
-        if not path.is_file():
-            pytest.fail(f"{path} is missing: these tests read the real cases in ../shared/cases beside the repository")
-    image = read_volume(image_path)
-    labels = np.asarray(read_labels(labels_path, like=image).array)
-    return predictor_for(litemedsam, image, "auto", shared_cache), labels
 
 
 def _objects(labels: np.ndarray, class_id: int, count: int):
