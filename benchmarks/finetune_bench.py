@@ -171,15 +171,15 @@ def fmt(value, digits: int = 3) -> str:
 
 
 HEADER = ("| case | load | scope | prompt mode | automatic Dice | box Dice | steps (done/planned) | stopped | train s "
-          "| train CPU s (quiet estimate s) | adapter MB | auto s/slice, whole volume, fp32 (CPU s/slice) |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| train CPU s (quiet estimate s) | adapter MB | auto s/slice, whole volume, fp32 (CPU s/slice) | run |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def table_row(row: dict) -> str:
     steps = f"{row['steps']}/{row['steps_planned']}" if row.get("steps") is not None else "-"
     return (f"| {row['case']} | {row['load']} | {row['scope']} | {row['prompt']} | {fmt(row.get('automatic'))} | "
             f"{fmt(row.get('box'))} | {steps} | {row.get('stopped') or '-'} | {fmt(row.get('train_s'), 0)} | "
-            f"{cpu_cell(row)} | {fmt(row.get('adapter_mb'), 2)} | {timing_cell(row)} |")
+            f"{cpu_cell(row)} | {fmt(row.get('adapter_mb'), 2)} | {timing_cell(row)} | {row.get('run', 'earlier')} |")
 
 
 def timing_cell(row: dict) -> str:
@@ -207,11 +207,13 @@ def machine() -> dict:
 def write_tables(out: Path, rows: list[dict], about: dict) -> None:
     (out / "finetune.json").write_text(json.dumps({"machine": about, "rows": rows}, indent=1, default=str))
     lines = ["# Few-shot fine-tuning on real scans", "",
-             f"{about['date']}, {about['cpu']}, {about['torch_threads']} torch threads, encoder precision "
-             f"{about['encoder_precision']}, load average {about.get('load_average', '-')} at the start (wall-clock "
-             "seconds are quiet-machine figures only when that is below the number of cores; the training CPU "
-             "seconds divided by the torch threads estimate a quiet run). 5 annotated slices per structure; every other labelled slice held "
-             "out and scored. Command: `napari-sam-ft bench finetune -- --cases ../shared/cases`.", "", HEADER]
+             f"Last run {about['date']}, {about['cpu']}, {about['torch_threads']} torch threads, encoder precision "
+             f"{about['encoder_precision']}, load average {about.get('load_average', '-')} at the start. The *run* "
+             "column gives each row's start date, torch threads and load average (\"earlier\": a row from before rows "
+             "recorded it; see the history of finetune.jsonl). Wall-clock seconds are quiet-machine figures only "
+             "when the load was below the number of cores; the training CPU seconds divided by the torch threads "
+             "estimate a quiet run. 5 annotated slices per structure; every other labelled slice held out and "
+             "scored. Command: `napari-sam-ft bench finetune -- --cases ../shared/cases`.", "", HEADER]
     lines += [table_row(row) for row in rows]
     lines += ["", "## Targets (issue 10)", "",
               "Per case and scope: automatic held-out Dice >= 0.80 and >= zero-shot box; box Dice after >= before; "
@@ -355,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
         print(table_row(row), flush=True)
 
     def record(row: dict) -> None:
+        # Rows of several runs share the table (a second run adds only the missing ones): each says its own.
+        row = {**row, "run": f"{about['date']}, {about['torch_threads']} threads, load {about['load_average']}"}
         rows.append(row)
         with journal.open("a") as handle:
             handle.write(json.dumps(row, default=str) + "\n")
