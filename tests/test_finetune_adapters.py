@@ -174,3 +174,25 @@ def test_saving_never_overwrites_a_foreign_folder(model, tmp_path):
     second, _ = make_adapter(model, "lora", tmp_path / "adapter", seed=8)  # an older adapter is replaced
     assert first.adapter_id != second.adapter_id
     assert read_adapter_info(tmp_path / "adapter").adapter_id == second.adapter_id
+
+
+def test_tuned_weights_outside_their_scope_are_refused_and_the_model_stays_as_it_was(model, ct, base_outputs,
+                                                                                    decoder_adapter, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from napari_sam_ft.finetune.adapters import TUNED_WEIGHTS_FILE, _sha256_files, _weight_files
+
+    foreign = tmp_path / "foreign"
+    shutil.copytree(decoder_adapter[0].adapter_dir, foreign)
+    weights = load_file(str(foreign / TUNED_WEIGHTS_FILE))
+    weights["image_encoder.patch_embed.seq.0.c.weight"] = torch.zeros(1)
+    save_file(weights, str(foreign / TUNED_WEIGHTS_FILE))
+    metadata = json.loads((foreign / METADATA_FILE).read_text())
+    metadata["files_sha256"] = _sha256_files(_weight_files(foreign))  # well formed, only its contents are wrong
+    (foreign / METADATA_FILE).write_text(json.dumps(metadata))
+    with pytest.raises(AdapterError, match="outside the decoder scope"):
+        load_adapter(model, foreign)
+    assert model.adapter_id == "none"
+    assert_same(outputs(model, ct.image), base_outputs)
