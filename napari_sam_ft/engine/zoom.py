@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .predictor import Prediction, VolumePredictor
 
@@ -120,18 +119,6 @@ def cropped_predictor(predictor: VolumePredictor, crop: Crop) -> VolumePredictor
     return zoomed
 
 
-def low_res_from_slice_logits(predictor: VolumePredictor, logits: torch.Tensor) -> torch.Tensor:
-    """(B, 1, H, W) slice-grid logits -> (B, 1, h, w) in the decoder's low-res frame (a ``mask_input``)."""
-    preprocessing = predictor.model.preprocessing
-    height, width = predictor.slice_shape
-    new_height, new_width = preprocessing.resized_shape(height, width)
-    resized = F.interpolate(logits.float(), size=(new_height, new_width), mode="bilinear", align_corners=False)
-    size = preprocessing.input_size
-    padded = F.pad(resized, (0, size - new_width, 0, size - new_height), value=-20.0)
-    low_size = tuple(predictor.model.sam.prompt_encoder.mask_input_size)
-    return F.interpolate(padded, size=low_size, mode="bilinear", align_corners=False)
-
-
 def decode_boxes(predictor: VolumePredictor, slice_index: int, boxes_xyxy: np.ndarray,
                  settings: ZoomSettings = DEFAULT_ZOOM) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
     """Boxes of one object (or of objects close together) on one slice, decoded on the whole slice in one pass;
@@ -156,7 +143,8 @@ def decode_boxes(predictor: VolumePredictor, slice_index: int, boxes_xyxy: np.nd
     masks, scores, low_res = masks.copy(), scores.copy(), low_res.clone()
     masks[underfilled] = (zoomed_logits[:, 0] > 0).numpy()
     scores[underfilled] = crop_iou[:, 0].cpu().numpy()
-    low_res[underfilled] = low_res_from_slice_logits(predictor, zoomed_logits).to(low_res)
+    preprocessing, low_res_size = predictor.model.preprocessing, predictor.model.sam.prompt_encoder.mask_input_size
+    low_res[underfilled] = preprocessing.slice_logits_to_low_res(zoomed_logits, low_res_size).to(low_res)
     return masks, scores, low_res
 
 

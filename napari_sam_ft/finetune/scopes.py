@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -74,7 +74,6 @@ class TrainableModel:
     sam: nn.Module
     scope: str
     lora_config: object | None = None  # peft LoraConfig for the lora scope
-    tuned_modules: tuple[str, ...] = field(default_factory=tuple)
 
     @property
     def encoder_trainable(self) -> bool:
@@ -146,7 +145,7 @@ def prepare_scope(base_sam: nn.Module, scope: str, lora: LoraSettings | None = N
     for module in TUNED_MODULES[scope]:
         for name, parameter in getattr(sam, module).named_parameters(prefix=module):
             parameter.requires_grad_(frozen is None or not frozen.fullmatch(name))
-    return TrainableModel(sam, scope, tuned_modules=TUNED_MODULES[scope])
+    return TrainableModel(sam, scope)
 
 
 def expected_lora_count(sam: nn.Module, lora: LoraSettings) -> int:

@@ -95,6 +95,15 @@ class Preprocessing:
         logits = logits[..., :new_height, :new_width]
         return F.interpolate(logits, size=output_shape or (height, width), mode="bilinear", align_corners=False)
 
+    def slice_logits_to_low_res(self, logits: torch.Tensor, low_res_size: tuple[int, int]) -> torch.Tensor:
+        """The inverse of ``logits_to_slice``: (B, C, H, W) slice-grid logits -> (B, C, h, w) in the decoder's
+        low-res frame (resized, padded with background, scaled to ``low_res_size``), e.g. as a ``mask_input``."""
+        height, width = logits.shape[-2:]
+        new_height, new_width = self.resized_shape(height, width)
+        resized = F.interpolate(logits.float(), size=(new_height, new_width), mode="bilinear", align_corners=False)
+        padded = F.pad(resized, (0, self.input_size - new_width, 0, self.input_size - new_height), value=-20.0)
+        return F.interpolate(padded, size=tuple(low_res_size), mode="bilinear", align_corners=False)
+
 
 @dataclass(frozen=True)
 class ModelSpec:
