@@ -7,7 +7,8 @@ Rows per case:
 
 * zero-shot automatic: the base model's automatic segmentation, each 3D instance given the reference
   class it overlaps most (oracle matching, generous to the base model);
-* zero-shot box: a tight box around each structure on each held-out slice;
+* zero-shot box: a tight box around each structure on each held-out slice, decoded as the widget decodes it
+  (``predict_object``: small boxes zoomed);
 * after adapting with each scope (lora, decoder) in prompt mode none (the automatic head: its Dice, and
   the seconds per slice of automatic segmentation of the whole volume, encoding included) and box (box
   Dice), with the optimisation steps, training seconds and adapter size.
@@ -88,17 +89,16 @@ def annotated_slices(reference: np.ndarray, class_ids, per_structure: int) -> li
 # -- scores ---------------------------------------------------------------------------------------
 def box_dice(predictor, reference: np.ndarray, slices: list[int], class_ids) -> float:
     """Mean Dice of the tight-box prompt of every object (connected piece of a class) on the held-out slices,
-    as a user boxes each piece they see (``engine.prompts.objects_on_slice``)."""
+    as a user boxes each piece they see (``engine.prompts.objects_on_slice``), through the widget's own
+    ``predict_object`` (window per prompt, small boxes zoomed where the model does)."""
+    from napari_sam_ft.engine.click_search import predict_object
     from napari_sam_ft.engine.prompts import box_from_mask, objects_on_slice
     from napari_sam_ft.metrics import dice
 
     scores = []
     for z in slices:
-        masks = [mask for _, mask in objects_on_slice(reference[z], class_ids)]
-        if not masks:
-            continue
-        predicted, _ = predictor.predict_boxes(np.stack([box_from_mask(mask) for mask in masks]), slice_index=z)
-        scores.extend(dice(prediction, mask) for prediction, mask in zip(predicted, masks))
+        for _, mask in objects_on_slice(reference[z], class_ids):
+            scores.append(dice(predict_object(predictor, z, box=box_from_mask(mask)).mask, mask))
     return float(np.mean(scores)) if scores else float("nan")
 
 

@@ -281,3 +281,42 @@ def test_steps_are_planned_from_the_data():
     large, large_encoder = plan_steps(8, 3, "lora")
     assert 300 <= small < large <= 400 and 12 <= small_encoder < large_encoder <= 30
     assert plan_steps(5, 3, "decoder")[1] == 0
+
+
+def test_box_mode_learns_the_zoomed_crops_and_its_adapter_zooms_small_boxes(model, ct, tmp_path, monkeypatch):
+    """A box-mode adapter trains on each small object's zoomed crop (the aorta on the CT), reproducibly although
+    the views differ in shape, and with it loaded small boxes are decoded zoomed, large ones on the whole slice."""
+    from napari_sam_ft.engine import zoom
+    from napari_sam_ft.engine.click_search import predict_object
+    from napari_sam_ft.engine.prompts import box_from_mask
+
+    labels = np.zeros_like(ct.labels.array)
+    labels[[8, 14, 20]] = ct.labels.array[[8, 14, 20]]
+    data = build_training_data([VolumeAnnotations(ct.image, labels, "ct")], classes=[5, 52],
+                               class_names=ct.class_names, validation_slices=[14])
+    settings = tiny_settings(prompt_mode="box", views_per_slice=2, decoder_steps=3, max_objects_per_slice=2)
+    assert settings.zooms and not tiny_settings(prompt_mode="mixed").zooms
+    first = train_adapter(model, data, tmp_path / "first", settings)
+    again = train_adapter(model, data, tmp_path / "again", settings)
+    assert first.adapter_id == again.adapter_id and first.val_dice_after == again.val_dice_after
+    assert json.loads((first.adapter_dir / METADATA_FILE).read_text())["zooms_small_boxes"] is True
+
+    crops = []
+    cropped_predictor = zoom.cropped_predictor
+    monkeypatch.setattr(zoom, "cropped_predictor", lambda predictor, crop: crops.append(crop) or cropped_predictor(
+        predictor, crop))
+    predictor = VolumePredictor(model, ct.image)
+    aorta, liver = ct.labels.array[14] == 52, ct.labels.array[14] == 5
+    assert zoom.zooms(predictor) and not crops
+    predict_object(predictor, 14, box=box_from_mask(liver))
+    assert not crops  # too large to zoom
+    info = load_adapter(model, first.adapter_dir)
+    try:
+        assert info.zooms_small_boxes and zoom.zooms(predictor)
+        predict_object(predictor, 14, box=box_from_mask(liver))
+        assert not crops
+        zoomed = predict_object(predictor, 14, box=box_from_mask(aorta))
+        assert len(crops) == 1 and crops[0] == zoom.zoom_crop(box_from_mask(aorta), aorta.shape)
+        assert zoomed.mask.shape == aorta.shape and (zoomed.mask & aorta).any()
+    finally:
+        unload_adapter(model)

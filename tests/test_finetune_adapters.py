@@ -128,6 +128,8 @@ def test_switching_between_adapters_of_different_scopes(model, ct, base_outputs,
     load_adapter(model, lora_adapter[0].adapter_dir)
     load_adapter(model, decoder_adapter[0].adapter_dir)  # switches: the LoRA adapter is unloaded first
     assert not model.encoder_adapted and model.class_head is None and model.class_ids == ()
+    from napari_sam_ft.engine.zoom import zooms
+    assert not zooms(VolumePredictor(model, ct.image))  # trained on whole slices only: small boxes stay whole
     decoder_outputs = outputs(model, ct.image)
     assert_same(decoder_outputs, decoder_adapter[1])
     assert torch.equal(decoder_outputs["embedding"], base_outputs["embedding"])  # the encoder is the base one

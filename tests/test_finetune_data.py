@@ -152,3 +152,32 @@ def test_training_prompts_are_the_prompts_inference_gets(ct):
                                           None, None, False)
     difference = (training_click[0, 0] - click_logits[0, 0].float()).abs().max()
     assert difference < 0.05 * float(click_logits[0, 0].abs().max()), difference
+
+def test_zoomed_box_examples_are_the_slice_as_an_adapter_that_zooms_decodes_it():
+    """Large objects stay on the whole slice; each small one gets the crop inference decodes its box on, labelled
+    with only the objects lying wholly inside it."""
+    from napari_sam_ft.engine.prompts import box_from_mask
+    from napari_sam_ft.engine.zoom import zoom_crop
+    from napari_sam_ft.finetune.data import AnnotatedSlice, zoomed_box_examples
+
+    labels = np.zeros((200, 240), np.int32)
+    labels[20:150, 20:140] = 1  # large: its crop would be most of the slice
+    labels[160:172, 180:190] = 2  # small
+    labels[174:180, 182:192] = 3  # small, inside the crop of class 2's lower box
+    labels[150:158, 150:156] = 2  # a second piece of class 2 next to the large object
+    image = np.random.default_rng(0).random((200, 240)).astype(np.float32)
+    pieces = zoomed_box_examples(AnnotatedSlice(0, 7, image, labels), [1, 2, 3])
+
+    whole, crops = pieces[0], pieces[1:]
+    np.testing.assert_array_equal(whole.image_01, image)
+    assert set(np.unique(whole.labels)) == {0, 1} and (whole.labels == 1).sum() == (labels == 1).sum()
+    assert len(crops) == 3 and all(crop.slice_index == 7 for crop in crops)
+    lower_piece = np.zeros(labels.shape, bool)
+    lower_piece[160:172, 180:190] = True
+    crop = zoom_crop(box_from_mask(lower_piece), labels.shape)
+    assert crops[1].labels.shape == crop.shape  # class 2's lower piece, in the order objects_on_slice finds them
+    np.testing.assert_array_equal(crops[1].image_01, image[crop.top:crop.bottom, crop.left:crop.right])
+    inside = crops[1].labels
+    assert (inside == 2).sum() == 12 * 10 and (inside == 3).sum() == 10 * 6  # both wholly inside
+    assert not (inside == 1).any()  # the large object is cut by the crop's edge: never prompted there
+    assert zoomed_box_examples(AnnotatedSlice(0, 0, image, np.zeros_like(labels)), [1])[0].labels.sum() == 0

@@ -9,7 +9,8 @@ same embedding cache as whole slices (keyed by the crop), and the mask is put ba
 and its constants were chosen on ../shared/cases and both samples with box prompts; ``napari-sam-ft bench
 cases`` measures the result (docs/results/cases.md, and docs/benchmarks.md for before and after).
 
-Zooming applies to the base model only: an adapter was trained on whole slices and keeps seeing them.
+Zooming applies to the base model and to adapters trained on the zoomed crops too (box mode,
+``finetune.data.zoomed_box_examples``); other adapters were trained on whole slices and keep seeing them.
 """
 
 from __future__ import annotations
@@ -87,8 +88,9 @@ class CroppedSlices:
 
 
 def zooms(predictor: VolumePredictor) -> bool:
-    """Whether small boxes are decoded zoomed: always for the base model, never with an adapter."""
-    return predictor.model.adapter_id == "none"
+    """Whether small boxes are decoded zoomed: for the base model, and for an adapter that learnt the crops."""
+    adapter = predictor.model.adapter
+    return adapter is None or adapter.info.zooms_small_boxes
 
 
 def zoom_crop(boxes_xyxy: np.ndarray, slice_shape: tuple[int, int],
@@ -132,8 +134,13 @@ def decode_boxes(predictor: VolumePredictor, slice_index: int, boxes_xyxy: np.nd
     masks, scores = (logits[:, 0] > 0).cpu().numpy(), iou[:, 0].cpu().numpy()
     if not zooms(predictor):
         return masks, scores, low_res
-    box_areas = np.maximum((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]), 1.0)
-    underfilled = np.flatnonzero(masks.reshape(len(boxes), -1).sum(axis=1) / box_areas < settings.min_fill)
+    if predictor.model.adapter is not None:
+        # An adapter that zooms learnt every small object on its crop only (``finetune.data.zoomed_box_examples``):
+        # every small box is decoded zoomed.
+        underfilled = np.arange(len(boxes))
+    else:
+        box_areas = np.maximum((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]), 1.0)
+        underfilled = np.flatnonzero(masks.reshape(len(boxes), -1).sum(axis=1) / box_areas < settings.min_fill)
     crop = zoom_crop(boxes[underfilled], predictor.slice_shape, settings) if underfilled.size else None
     if crop is None:
         return masks, scores, low_res

@@ -73,6 +73,11 @@ class AdapterInfo:
     def windows(self) -> list[dict]:
         return list(self.metadata.get("windows", []))
 
+    @property
+    def zooms_small_boxes(self) -> bool:
+        """Whether it learnt the zoomed crops small boxes are decoded on (``engine.zoom``): box-mode adapters."""
+        return bool(self.metadata.get("zooms_small_boxes", False))
+
     def summary(self) -> str:
         names = ", ".join(self.class_names.get(class_id, str(class_id)) for class_id in self.class_ids)
         dice = ", ".join(f"{mode} {self.val_dice_before.get(mode, float('nan')):.2f} -> {value:.2f}"

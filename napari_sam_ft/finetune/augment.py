@@ -67,9 +67,13 @@ def augment_pair(image_01: np.ndarray, labels: np.ndarray, rng: np.random.Genera
 
 
 def jittered_box(mask: np.ndarray, rng: np.random.Generator, jitter: float = 0.1,
-                 max_margin_px: float = 5.0) -> np.ndarray:
+                 max_margin_px: float = 1.0) -> np.ndarray:
     """A box around a 2D mask as a user would draw it: (x_min, y_min, x_max, y_max), sides moved by up to
     ``jitter`` of the box size plus a random margin of up to ``max_margin_px``, kept within the slice.
+
+    The slack is relative to the object, as a user draws a box around what they see: a margin of 5 pixels
+    (as before) is a quarter of a hippocampus, and taught the decoder to leave boxes part empty (mni152, box
+    mode on the zoomed crops, 100 steps: held-out tight-box Dice 0.74 with it, 0.82 with 1 pixel).
 
     It starts from the engine's own tight box (``box_from_mask``: continuous coordinates, far edges one
     past the last pixel), so with no jitter training sees exactly the box inference is given.

@@ -14,6 +14,8 @@ from typing import Sequence
 
 import numpy as np
 
+from ..engine.prompts import box_from_mask, objects_on_slice
+from ..engine.zoom import zoom_crop
 from ..volume import Volume, Window, choose_window
 
 
@@ -166,6 +168,38 @@ class TrainingData:
 
         return (f"{len(self.train)} training slice(s) [{where(self.train)}], {len(self.validation)} validation "
                 f"slice(s) [{where(self.validation)}], {len(self.class_ids)} class(es)")
+
+
+def zoomed_box_examples(example: AnnotatedSlice, class_ids: Sequence[int]) -> list[AnnotatedSlice]:
+    """The slice as an adapter that zooms decodes it: the whole slice labelled with only the objects too large to
+    zoom, then one crop per small object (``engine.zoom.zoom_crop`` of its tight box, as inference takes it),
+    each labelled with only the objects lying wholly inside it.
+
+    A box-mode adapter learns from and is validated on exactly these, as it decodes every small box zoomed;
+    objects cut by a crop's edge are left unlabelled, as a box is never drawn around a piece of one. The
+    whole slice comes first even when nothing is left on it (it then teaches nothing).
+    """
+    objects = [mask for _, mask in objects_on_slice(example.labels, class_ids)]
+    boxes = [box_from_mask(mask) for mask in objects]
+    crops = [zoom_crop(box, example.shape) for box in boxes]
+    large = np.zeros(example.shape, bool)
+    for mask, crop in zip(objects, crops):
+        if crop is None:
+            large |= mask
+    examples = [replace(example, labels=np.where(large, example.labels, 0).astype(example.labels.dtype))]
+    for crop in crops:
+        if crop is None:
+            continue
+        inside = np.zeros(example.shape, bool)
+        for other, other_box in zip(objects, boxes):
+            if (other_box[0] >= crop.left and other_box[1] >= crop.top and other_box[2] <= crop.right
+                    and other_box[3] <= crop.bottom):
+                inside |= other
+        window = (slice(crop.top, crop.bottom), slice(crop.left, crop.right))
+        labels = np.where(inside, example.labels, 0).astype(example.labels.dtype)
+        examples.append(replace(example, image_01=np.ascontiguousarray(example.image_01[window]),
+                                labels=np.ascontiguousarray(labels[window])))
+    return examples
 
 
 def model_channels(slice_01: np.ndarray) -> np.ndarray:

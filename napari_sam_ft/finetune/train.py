@@ -42,7 +42,7 @@ from ..engine.prompts import objects_on_slice
 from ..models.registry import LoadedModel
 from .adapters import adapter_size_bytes, base_network_copy, check_output_folder, save_adapter, window_record
 from .augment import AugmentSettings, augment_pair, jittered_box, sampled_points
-from .data import AnnotatedSlice, TrainingData
+from .data import AnnotatedSlice, TrainingData, zoomed_box_examples
 from .heads import ClassHead
 from .losses import batch_dice_ce, binary_dice_ce
 from .scopes import SCOPES, LoraSettings, TrainableModel, prepare_scope
@@ -59,10 +59,14 @@ CancelCheck = Callable[[], bool]
 # for ~125 steps). The encoder learns slower than the decoder side: its LoRA at a third, its full weights at
 # a tenth.
 SCOPE_LEARNING_RATE = {"lora": 3e-3, "decoder": 1e-3, "full": 3e-4}
+# Prompted modes start from a decoder that already segments boxes well (on the zoomed crops, mni152's held-out box
+# Dice is 0.78 zero-shot): at the automatic head's rate the decoder forgets (box mode, 100 steps: 0.74); at a
+# tenth of it, it learns (0.82). LoRA's B matrices start at zero and keep their rate.
+PROMPTED_LR_SCALE = {"lora": 1.0, "decoder": 0.1, "full": 0.1}
 ENCODER_LR_SCALE = {"lora": 1 / 3, "full": 0.1}
 MIXED_AUTOMATIC_SHARE = 0.7
 # Separate streams of random numbers, so that changing one phase's length never shifts another's draws.
-_STREAM_VIEWS, _STREAM_DECODER, _STREAM_ENCODER, _STREAM_PROBE = 1, 2, 3, 4
+_STREAM_VIEWS, _STREAM_DECODER, _STREAM_ENCODER, _STREAM_PROBE, _STREAM_ZOOM_VIEWS = 1, 2, 3, 4, 5
 STOP_REASONS = ("steps", "converged", "time_limit", "cancelled")
 
 
@@ -106,6 +110,11 @@ class TrainSettings:
     # Automatic mode: train (and later infer) on the window around the annotations (``FieldOfView``),
     # magnified to the model's input, instead of the whole slice: small structures get several times the pixels.
     crop_to_annotations: bool = True
+    # Box mode: train on the slices as an adapter that zooms decodes them (``finetune.data.zoomed_box_examples``:
+    # each small object on the zoomed crop a box around it is decoded on, ``zoom_views_per_object`` views of each),
+    # so that with the adapter small boxes are zoomed as with the base model.
+    zoom_small_boxes: bool = True
+    zoom_views_per_object: int = 2
     seed: int = 0
     precision: str = "auto"
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -123,8 +132,10 @@ class TrainSettings:
                 raise ValueError(f"{name} must be >= 0, got {value}")
         if self.decoder_steps == 0 and (self.scope == "decoder" or self.encoder_steps == 0):
             raise ValueError("nothing to train: decoder_steps is 0 and there is no encoder phase")
-        if min(self.batch_size, self.views_per_slice, self.validate_every, self.encoder_validate_every) < 1:
-            raise ValueError("batch_size, views_per_slice and the validation intervals must be at least 1")
+        if min(self.batch_size, self.views_per_slice, self.validate_every, self.encoder_validate_every,
+               self.zoom_views_per_object) < 1:
+            raise ValueError("batch_size, views_per_slice, zoom_views_per_object and the validation intervals must "
+                             "be at least 1")
         if self.time_limit_s is not None and self.time_limit_s <= 0:
             raise ValueError(f"the time limit must be positive, got {self.time_limit_s}")
 
@@ -140,6 +151,11 @@ class TrainSettings:
     def crops(self) -> bool:
         """Only the automatic head trains on the window: prompts are given on whole slices at inference."""
         return self.crop_to_annotations and self.prompt_mode == "none"
+
+    @property
+    def zooms(self) -> bool:
+        """Only box mode learns the zoomed crops: clicks and the automatic head are not decoded zoomed."""
+        return self.zoom_small_boxes and self.prompt_mode == "box"
 
     def planned_steps(self, data: TrainingData) -> tuple[int, int]:
         """(decoder, encoder) steps this run will take when nothing stops it early."""
@@ -203,6 +219,17 @@ class _Stop(Exception):
 _PER_STEP, _PER_EPOCH = 0, 1
 
 
+def _same_shape_batches(views: list[_View], size: int) -> list[list[_View]]:
+    """``views`` in order, cut into batches of at most ``size`` views of one image shape (a batch is one tensor)."""
+    batches: list[list[_View]] = []
+    for view in views:
+        if batches and len(batches[-1]) < size and batches[-1][0].image_01.shape == view.image_01.shape:
+            batches[-1].append(view)
+        else:
+            batches.append([view])
+    return batches
+
+
 def _generator(seed: int, stream: int, index: int, per: int = _PER_STEP) -> np.random.Generator:
     """The random numbers of one step (or epoch) of a stream: a function of the seed and the index only."""
     return np.random.default_rng([seed, stream, per, index])
@@ -238,6 +265,10 @@ class _Trainer:
         self.best_scores: dict[str, float] = {}
         self.best_state: tuple[dict, dict | None] | None = None
         self.views: list[_View] = []
+        # Validation scores what inference will decode: with zoom, each small object on its crop.
+        self.validation_examples: list[AnnotatedSlice] = [
+            piece for example in data.validation for piece in self.as_decoded(example) if piece.labels.any()
+        ] if settings.zooms else list(data.validation)
         self.validation_embeddings: list[torch.Tensor] = []
         # Measured seconds (for the estimate and the ETA only: they never steer training).
         self.seconds_per_step = {"decoder": None, "encoder": None}
@@ -309,30 +340,40 @@ class _Trainer:
             embeddings = embeddings.half()
         return embeddings.float()
 
+    def as_decoded(self, example: AnnotatedSlice) -> list[AnnotatedSlice]:
+        """The slice as inference decodes it: whole, or (zooming) its large objects whole and each small one on
+        its crop."""
+        return zoomed_box_examples(example, self.data.class_ids) if self.settings.zooms else [example]
+
     def build_views(self) -> None:
         allow_flips = self.settings.prompt_mode in ("box", "point")
         for slice_position, example in enumerate(self.data.train):
-            self.views.append(_View(example, example.image_01, example.labels))
-            rng = _generator(self.settings.seed, _STREAM_VIEWS, slice_position)
-            for _ in range(self.settings.views_per_slice - 1):
-                image, labels = augment_pair(example.image_01, example.labels, rng, self.settings.augment,
-                                             allow_flips=allow_flips)
-                if labels.any() or not example.labels.any():  # keep views whose objects survived the transform
-                    self.views.append(_View(example, image, labels))
+            for piece_position, piece in enumerate(self.as_decoded(example)):
+                if self.settings.zooms and not piece.labels.any():
+                    continue  # a whole slice whose objects are all zoomed: nothing to prompt on it
+                if piece_position == 0:  # the (whole) slice
+                    rng, views = _generator(self.settings.seed, _STREAM_VIEWS, slice_position), self.settings.views_per_slice
+                else:  # a zoomed crop: its own stream, so that zooming never shifts the whole slices' draws
+                    rng = np.random.default_rng([self.settings.seed, _STREAM_ZOOM_VIEWS, slice_position, piece_position])
+                    views = self.settings.zoom_views_per_object
+                self.views.append(_View(example, piece.image_01, piece.labels))
+                for _ in range(views - 1):
+                    image, labels = augment_pair(piece.image_01, piece.labels, rng, self.settings.augment,
+                                                 allow_flips=allow_flips)
+                    if labels.any() or not piece.labels.any():  # keep views whose objects survived the transform
+                        self.views.append(_View(example, image, labels))
         pending = list(self.views)
-        to_encode = len(pending) + len(self.data.validation)
+        to_encode = len(pending) + len(self.validation_examples)
         encoded = 0
-        batch = max(1, self.settings.batch_size)
         encoding_started = time.perf_counter()
         with torch.no_grad():
-            for start in range(0, len(pending), batch):
+            for chunk in _same_shape_batches(pending, max(1, self.settings.batch_size)):
                 self.check_cancel()
-                chunk = pending[start:start + batch]
                 for view, embedding in zip(chunk, self.encode([view.image_01 for view in chunk])):
                     view.embedding = embedding.half()  # exact: ``encode`` rounded it to float16 already
                 encoded += len(chunk)
                 self.report({"phase": "encoding", "encoded": encoded, "to_encode": to_encode})
-            for example in self.data.validation:
+            for example in self.validation_examples:
                 self.check_cancel()
                 self.validation_embeddings.append(self.encode([example.image_01]))
                 encoded += 1
@@ -390,9 +431,9 @@ class _Trainer:
     def validate(self, embeddings: list[torch.Tensor] | None = None) -> dict[str, float]:
         if embeddings is None:
             with torch.no_grad():
-                embeddings = [self.encode([example.image_01]) for example in self.data.validation]
+                embeddings = [self.encode([example.image_01]) for example in self.validation_examples]
         return score_slices(self.sam, self.preprocessing, embeddings,
-                            [example.labels for example in self.data.validation], self.data.class_ids,
+                            [example.labels for example in self.validation_examples], self.data.class_ids,
                             self.settings.validation_modes, head=self.head)
 
     def keep_if_best(self, scores: dict[str, float]) -> bool:
@@ -415,7 +456,8 @@ class _Trainer:
     # -- optimisation ----------------------------------------------------------------------------------
     def optimizer(self, include_encoder: bool) -> torch.optim.Optimizer:
         settings = self.settings
-        base_lr = settings.learning_rate or SCOPE_LEARNING_RATE[settings.scope]
+        base_lr = settings.learning_rate or SCOPE_LEARNING_RATE[settings.scope] * (
+            PROMPTED_LR_SCALE[settings.scope] if settings.prompt_mode in ("box", "point") else 1.0)
         encoder, other = [], []
         for name, parameter in self.trainable.named_trainable():
             (encoder if name.startswith("image_encoder.") else other).append(parameter)
@@ -470,8 +512,11 @@ class _Trainer:
         return float(loss.detach())
 
     def batch_embeddings(self, phase: str, batch: list[_View]) -> torch.Tensor:
-        if phase == "encoder":
-            return self.encode([view.image_01 for view in batch])
+        if phase == "encoder":  # zoomed crops and whole slices may share a batch: one tensor per image shape
+            embeddings = {}
+            for chunk in _same_shape_batches(batch, len(batch)):
+                embeddings.update(zip(map(id, chunk), self.encode([view.image_01 for view in chunk])))
+            return torch.stack([embeddings[id(view)] for view in batch])
         return torch.stack([view.embedding for view in batch]).float()
 
     def estimate(self) -> float:
@@ -487,7 +532,7 @@ class _Trainer:
             self.seconds_per_step[phase] = time.perf_counter() - started
             for parameter in [*self.trainable.sam.parameters(), *(self.head.parameters() if self.head else [])]:
                 parameter.grad = None
-            decodes = max(len(self.data.validation), 1)
+            decodes = max(len(self.validation_examples), 1)
             # A validation decodes every validation slice (and re-encodes them in the encoder phase).
             self.seconds_per_validation[phase] = decodes * ((self.seconds_per_step["decoder"] or 0.0) / 2 + (
                 self.seconds_per_image if phase == "encoder" else 0.0))
@@ -621,6 +666,8 @@ def _metadata(model: LoadedModel, data: TrainingData, settings: TrainSettings, t
         "windows": [window_record(window) for window in data.windows],
         # Where the annotated structures lie (per volume); with "cropped" the head saw only that window.
         "fields_of_view": [view.to_json() for view in data.fields_of_view], "cropped": data.cropped,
+        # Box mode: trained on the zoomed crops, so inference decodes every small box zoomed (``engine.zoom``).
+        "zooms_small_boxes": settings.zooms,
         "val_dice_before": val_dice_before, "val_dice_after": trainer.best_scores,
         "trainable_parameters": trainer.trainable_parameters(),
         "training": training,
