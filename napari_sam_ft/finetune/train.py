@@ -351,10 +351,11 @@ class _Trainer:
             for piece_position, piece in enumerate(self.as_decoded(example)):
                 if self.settings.zooms and not piece.labels.any():
                     continue  # a whole slice whose objects are all zoomed: nothing to prompt on it
+                seed = self.settings.seed
                 if piece_position == 0:  # the (whole) slice
-                    rng, views = _generator(self.settings.seed, _STREAM_VIEWS, slice_position), self.settings.views_per_slice
+                    rng, views = _generator(seed, _STREAM_VIEWS, slice_position), self.settings.views_per_slice
                 else:  # a zoomed crop: its own stream, so that zooming never shifts the whole slices' draws
-                    rng = np.random.default_rng([self.settings.seed, _STREAM_ZOOM_VIEWS, slice_position, piece_position])
+                    rng = np.random.default_rng([seed, _STREAM_ZOOM_VIEWS, slice_position, piece_position])
                     views = self.settings.zoom_views_per_object
                 self.views.append(_View(example, piece.image_01, piece.labels))
                 for _ in range(views - 1):
