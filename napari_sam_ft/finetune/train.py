@@ -46,7 +46,7 @@ from .data import AnnotatedSlice, TrainingData, zoomed_box_examples
 from .heads import ClassHead
 from .losses import batch_dice_ce, binary_dice_ce
 from .scopes import SCOPES, LoraSettings, TrainableModel, prepare_scope
-from .validation import MODE_VALIDATION, class_logits, decode_prompts, pad_points, score_slices
+from .validation import MODE_VALIDATION, PROMPTED_MODES, class_logits, decode_prompts, pad_points, score_slices
 
 # Which prompts an adapter is trained for (``finetune --prompt``); "mixed" = boxes and the no-prompt head.
 TRAINING_PROMPT_MODES = ("box", "point", "none", "mixed")
@@ -346,7 +346,7 @@ class _Trainer:
         return zoomed_box_examples(example, self.data.class_ids) if self.settings.zooms else [example]
 
     def build_views(self) -> None:
-        allow_flips = self.settings.prompt_mode in ("box", "point")
+        allow_flips = self.settings.prompt_mode in PROMPTED_MODES
         for slice_position, example in enumerate(self.data.train):
             for piece_position, piece in enumerate(self.as_decoded(example)):
                 if self.settings.zooms and not piece.labels.any():
@@ -458,7 +458,7 @@ class _Trainer:
     def optimizer(self, include_encoder: bool) -> torch.optim.Optimizer:
         settings = self.settings
         base_lr = settings.learning_rate or SCOPE_LEARNING_RATE[settings.scope] * (
-            PROMPTED_LR_SCALE[settings.scope] if settings.prompt_mode in ("box", "point") else 1.0)
+            PROMPTED_LR_SCALE[settings.scope] if settings.prompt_mode in PROMPTED_MODES else 1.0)
         encoder, other = [], []
         for name, parameter in self.trainable.named_trainable():
             (encoder if name.startswith("image_encoder.") else other).append(parameter)
