@@ -89,8 +89,17 @@ class CroppedSlices:
 
 def zooms(predictor: VolumePredictor) -> bool:
     """Whether small boxes are decoded zoomed: for the base model, and for an adapter that learnt the crops."""
+    return _zoom_rule(predictor) is not None
+
+
+def _zoom_rule(predictor: VolumePredictor) -> str | None:
+    """Which boxes are decoded again zoomed: "underfilled" (the base model: those whose mask fills little of
+    them), "every" (an adapter that learnt every small object on its crop only, ``finetune.data.
+    zoomed_box_examples``), or None (an adapter trained on whole slices keeps seeing them)."""
     adapter = predictor.model.adapter
-    return adapter is None or adapter.info.zooms_small_boxes
+    if adapter is None:
+        return "underfilled"
+    return "every" if adapter.info.zooms_small_boxes else None
 
 
 def zoom_crop(boxes_xyxy: np.ndarray, slice_shape: tuple[int, int],
@@ -124,34 +133,33 @@ def cropped_predictor(predictor: VolumePredictor, crop: Crop) -> VolumePredictor
 def decode_boxes(predictor: VolumePredictor, slice_index: int, boxes_xyxy: np.ndarray,
                  settings: ZoomSettings = DEFAULT_ZOOM) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
     """Boxes of one object (or of objects close together) on one slice, decoded on the whole slice in one pass;
-    those whose mask fills too little of them (``ZoomSettings.min_fill``) are decoded again on one zoomed crop
-    around them all, where they are small enough.
+    those whose mask fills too little of them (``ZoomSettings.min_fill``; with an adapter that learnt the crops,
+    all of them) are decoded again on one zoomed crop around them all, where they are small enough.
 
     Returns (K, H, W) bool masks, (K,) predicted IoU and (K, 1, h, w) low-res logits in the whole slice's frame.
     """
     boxes = np.asarray(boxes_xyxy, np.float32).reshape(-1, 4)
     logits, iou, low_res = predictor.decode(slice_index, None, None, boxes, None, multimask_output=False)
     masks, scores = (logits[:, 0] > 0).cpu().numpy(), iou[:, 0].cpu().numpy()
-    if not zooms(predictor):
+    rule = _zoom_rule(predictor)
+    if rule is None:
         return masks, scores, low_res
-    if predictor.model.adapter is not None:
-        # An adapter that zooms learnt every small object on its crop only (``finetune.data.zoomed_box_examples``):
-        # every small box is decoded zoomed.
-        underfilled = np.arange(len(boxes))
+    if rule == "every":
+        to_zoom = np.arange(len(boxes))
     else:
         box_areas = np.maximum((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]), 1.0)
-        underfilled = np.flatnonzero(masks.reshape(len(boxes), -1).sum(axis=1) / box_areas < settings.min_fill)
-    crop = zoom_crop(boxes[underfilled], predictor.slice_shape, settings) if underfilled.size else None
+        to_zoom = np.flatnonzero(masks.reshape(len(boxes), -1).sum(axis=1) / box_areas < settings.min_fill)
+    crop = zoom_crop(boxes[to_zoom], predictor.slice_shape, settings) if to_zoom.size else None
     if crop is None:
         return masks, scores, low_res
     crop_logits, crop_iou, _ = cropped_predictor(predictor, crop).decode(
-        slice_index, None, None, crop.boxes_into(boxes[underfilled]), None, multimask_output=False)
+        slice_index, None, None, crop.boxes_into(boxes[to_zoom]), None, multimask_output=False)
     zoomed_logits = crop.paste(crop_logits.cpu().float(), predictor.slice_shape, fill=-20.0)
     masks, scores, low_res = masks.copy(), scores.copy(), low_res.clone()
-    masks[underfilled] = (zoomed_logits[:, 0] > 0).numpy()
-    scores[underfilled] = crop_iou[:, 0].cpu().numpy()
+    masks[to_zoom] = (zoomed_logits[:, 0] > 0).numpy()
+    scores[to_zoom] = crop_iou[:, 0].cpu().numpy()
     preprocessing, low_res_size = predictor.model.preprocessing, predictor.model.sam.prompt_encoder.mask_input_size
-    low_res[underfilled] = preprocessing.slice_logits_to_low_res(zoomed_logits, low_res_size).to(low_res)
+    low_res[to_zoom] = preprocessing.slice_logits_to_low_res(zoomed_logits, low_res_size).to(low_res)
     return masks, scores, low_res
 
 

@@ -170,14 +170,15 @@ class TrainingData:
                 f"slice(s) [{where(self.validation)}], {len(self.class_ids)} class(es)")
 
 
-def zoomed_box_examples(example: AnnotatedSlice, class_ids: Sequence[int]) -> list[AnnotatedSlice]:
-    """The slice as an adapter that zooms decodes it: the whole slice labelled with only the objects too large to
-    zoom, then one crop per small object (``engine.zoom.zoom_crop`` of its tight box, as inference takes it),
-    each labelled with only the objects lying wholly inside it.
+def zoomed_box_examples(example: AnnotatedSlice,
+                        class_ids: Sequence[int]) -> tuple[AnnotatedSlice, list[AnnotatedSlice]]:
+    """The slice as an adapter that zooms decodes it -> (whole, crops): the whole slice labelled with only the
+    objects too large to zoom, and one crop per small object (``engine.zoom.zoom_crop`` of its tight box, as
+    inference takes it), each labelled with only the objects lying wholly inside it.
 
     A box-mode adapter learns from and is validated on exactly these, as it decodes every small box zoomed;
-    objects cut by a crop's edge are left unlabelled, as a box is never drawn around a piece of one. The
-    whole slice comes first even when nothing is left on it (it then teaches nothing).
+    objects cut by a crop's edge are left unlabelled, as a box is never drawn around a piece of one. ``whole``
+    is returned even when nothing is left on it (it then teaches nothing).
     """
     objects = [mask for _, mask in objects_on_slice(example.labels, class_ids)]
     boxes = [box_from_mask(mask) for mask in objects]
@@ -186,7 +187,8 @@ def zoomed_box_examples(example: AnnotatedSlice, class_ids: Sequence[int]) -> li
     for mask, crop in zip(objects, crops):
         if crop is None:
             large |= mask
-    examples = [replace(example, labels=np.where(large, example.labels, 0).astype(example.labels.dtype))]
+    whole = replace(example, labels=np.where(large, example.labels, 0).astype(example.labels.dtype))
+    zoomed = []
     for crop in crops:
         if crop is None:
             continue
@@ -197,9 +199,9 @@ def zoomed_box_examples(example: AnnotatedSlice, class_ids: Sequence[int]) -> li
                 inside |= other
         window = (slice(crop.top, crop.bottom), slice(crop.left, crop.right))
         labels = np.where(inside, example.labels, 0).astype(example.labels.dtype)
-        examples.append(replace(example, image_01=np.ascontiguousarray(example.image_01[window]),
-                                labels=np.ascontiguousarray(labels[window])))
-    return examples
+        zoomed.append(replace(example, image_01=np.ascontiguousarray(example.image_01[window]),
+                              labels=np.ascontiguousarray(labels[window])))
+    return whole, zoomed
 
 
 def model_channels(slice_01: np.ndarray) -> np.ndarray:

@@ -267,7 +267,7 @@ class _Trainer:
         self.views: list[_View] = []
         # Validation scores what inference will decode: with zoom, each small object on its crop.
         self.validation_examples: list[AnnotatedSlice] = [
-            piece for example in data.validation for piece in self.as_decoded(example) if piece.labels.any()
+            piece for example in data.validation for piece in self.decoded_pieces(example) if piece.labels.any()
         ] if settings.zooms else list(data.validation)
         self.validation_embeddings: list[torch.Tensor] = []
         # Measured seconds (for the estimate and the ETA only: they never steer training).
@@ -340,23 +340,27 @@ class _Trainer:
             embeddings = embeddings.half()
         return embeddings.float()
 
-    def as_decoded(self, example: AnnotatedSlice) -> list[AnnotatedSlice]:
-        """The slice as inference decodes it: whole, or (zooming) its large objects whole and each small one on
-        its crop."""
-        return zoomed_box_examples(example, self.data.class_ids) if self.settings.zooms else [example]
+    def as_decoded(self, example: AnnotatedSlice) -> tuple[AnnotatedSlice, list[AnnotatedSlice]]:
+        """The slice as inference decodes it -> (whole, crops): zooming, its large objects whole and each small
+        one on its crop; otherwise the slice itself and no crops."""
+        return zoomed_box_examples(example, self.data.class_ids) if self.settings.zooms else (example, [])
+
+    def decoded_pieces(self, example: AnnotatedSlice) -> list[AnnotatedSlice]:
+        whole, crops = self.as_decoded(example)
+        return [whole, *crops]
 
     def build_views(self) -> None:
         allow_flips = self.settings.prompt_mode in PROMPTED_MODES
+        seed = self.settings.seed
         for slice_position, example in enumerate(self.data.train):
-            for piece_position, piece in enumerate(self.as_decoded(example)):
+            whole, crops = self.as_decoded(example)
+            # Each piece draws from its own stream, so that zooming never shifts the whole slices' draws.
+            pieces = [(whole, _generator(seed, _STREAM_VIEWS, slice_position), self.settings.views_per_slice)]
+            pieces += [(crop, np.random.default_rng([seed, _STREAM_ZOOM_VIEWS, slice_position, crop_number]),
+                        self.settings.zoom_views_per_object) for crop_number, crop in enumerate(crops, start=1)]
+            for piece, rng, views in pieces:
                 if self.settings.zooms and not piece.labels.any():
                     continue  # a whole slice whose objects are all zoomed: nothing to prompt on it
-                seed = self.settings.seed
-                if piece_position == 0:  # the (whole) slice
-                    rng, views = _generator(seed, _STREAM_VIEWS, slice_position), self.settings.views_per_slice
-                else:  # a zoomed crop: its own stream, so that zooming never shifts the whole slices' draws
-                    rng = np.random.default_rng([seed, _STREAM_ZOOM_VIEWS, slice_position, piece_position])
-                    views = self.settings.zoom_views_per_object
                 self.views.append(_View(example, piece.image_01, piece.labels))
                 for _ in range(views - 1):
                     image, labels = augment_pair(piece.image_01, piece.labels, rng, self.settings.augment,

@@ -177,3 +177,52 @@ def test_panel_trains_a_chosen_model_on_a_multi_channel_volume(panel, qtbot):
     info = read_adapter_info(result.adapter_dir)
     assert info.base_model_name == "litemedsam" and len(info.windows[0]["channels"]) == 3
     assert panel._model is None  # the chosen model is the panel's own, not the Segment panel's
+
+
+AORTA = 52  # small on the sample CT: a box around it is decoded on a zoomed crop
+
+
+def test_a_box_mode_adapter_from_the_panel_decodes_small_boxes_zoomed_in_the_segment_widget(
+        panel, segment_widget, qtbot, monkeypatch):
+    """Box mode learns each small object on its zoomed crop; once the panel activates that adapter, a box drawn
+    around the aorta in the Segment widget is decoded on the same crop, the liver's on the whole slice."""
+    from napari_sam_ft.engine import zoom
+    from napari_sam_ft.engine.prompts import box_from_mask
+
+    from .test_segment_widget import box_preview, reference
+
+    viewer = panel._viewer
+    full = np.asarray(viewer.layers["sample CT reference"].data)
+    painted = np.zeros(full.shape, np.int32)
+    for z in ANNOTATED:
+        painted[z] = np.where(np.isin(full[z], [LIVER, AORTA]), full[z], 0)
+    image = viewer.layers["sample CT"]
+    labels = viewer.add_labels(painted, name="liver and aorta", scale=image.scale, translate=image.translate)
+    panel.labels_combo.select_layer(labels)
+    panel.prompt_combo.setCurrentIndex(panel.prompt_combo.findData("box"))
+    panel.extra_settings = {**panel.extra_settings, "zoom_views_per_object": 1}
+    panel.train_button.click()
+    qtbot.waitUntil(lambda: panel.result is not None and not panel.running, timeout=WORKER_TIMEOUT_MS)
+    result = panel.result
+    assert read_adapter_info(result.adapter_dir).zooms_small_boxes
+
+    panel.use_button.click()
+    qtbot.waitUntil(lambda: segment_widget.idle, timeout=WORKER_TIMEOUT_MS)
+    assert segment_widget.controls.adapter_combo.currentText() == str(result.adapter_dir)
+    crops = []
+    cropped_predictor = zoom.cropped_predictor
+    monkeypatch.setattr(zoom, "cropped_predictor",
+                        lambda predictor, crop: crops.append(crop) or cropped_predictor(predictor, crop))
+    try:
+        box_preview(segment_widget, qtbot, LIVER)
+        assert segment_widget.predictor.model.adapter_id == result.adapter_id
+        assert crops == []  # too large to zoom
+        segment_widget.clear_prompts()
+        qtbot.waitUntil(lambda: segment_widget.idle, timeout=WORKER_TIMEOUT_MS)
+        aorta = reference(viewer, AORTA)
+        preview = box_preview(segment_widget, qtbot, AORTA)
+        assert crops == [zoom.zoom_crop(box_from_mask(aorta), aorta.shape)]
+        assert (preview & aorta).any()
+    finally:
+        segment_widget.set_adapter(None)  # leave the shared model without the adapter for later tests
+        qtbot.waitUntil(lambda: segment_widget.idle, timeout=WORKER_TIMEOUT_MS)
