@@ -33,10 +33,13 @@ def encoder_table(model, sample, slices: list[int], compile_encoder: bool) -> No
     from napari_sam_ft.engine.prompts import box_from_mask
     from napari_sam_ft.metrics import dice
 
+    from napari_sam_ft.devices import cpu_has_native_bf16
+
     organs = {1: "spleen", 2: "kidney_right", 3: "kidney_left", 5: "liver"}
     rows = []
     masks_by_precision = {}
-    precisions = ["fp32", "bf16"]
+    # Without native bf16 the engine encodes in fp32 (bf16 autocast is emulated there, ~8x slower than fp32).
+    precisions = ["fp32", "bf16"] if cpu_has_native_bf16() else ["fp32"]
     for precision in precisions + (["bf16+compile"] if compile_encoder else []):
         predictor = VolumePredictor(model, sample.image, cache=EmbeddingCache(),
                                     precision="bf16" if precision.startswith("bf16") else precision, batch_size=1)
@@ -62,14 +65,55 @@ def encoder_table(model, sample, slices: list[int], compile_encoder: bool) -> No
         rows.append((precision + runtime, per_slice, mean_dice))
         if precision == "bf16+compile":
             model.sam.image_encoder = model.sam.image_encoder._orig_mod
-    agreement = np.mean([dice(masks_by_precision["fp32"][key][0], masks_by_precision["bf16"][key][0])
-                         for key in masks_by_precision["fp32"]])
     print(f"\nImage encoder on {len(slices)} slices of the sample CT ({model.name}, {torch.get_num_threads()} threads)")
     print(f"{'precision':<30} {'s/slice':>8} {'box Dice':>9}")
     for name, seconds, mean_dice in rows:
         print(f"{name:<30} {seconds:>8.3f} {mean_dice:>9.4f}")
+    if "bf16" not in masks_by_precision:
+        print("no native bf16 on this CPU: the engine encodes in fp32 (bf16 not timed)")
+        return
+    agreement = np.mean([dice(masks_by_precision["fp32"][key][0], masks_by_precision["bf16"][key][0])
+                         for key in masks_by_precision["fp32"]])
     print(f"bf16 vs fp32 masks: Dice {agreement:.4f} between them; box-Dice difference "
           f"{rows[1][2] - rows[0][2]:+.4f} (target encoder <= 0.36 s/slice)")
+
+
+def compute_floor_table(model, onnx_seconds_per_slice: float | None = None) -> None:
+    """What one slice's encoding costs in arithmetic, against the fastest this CPU multiplies fp32 matrices.
+
+    The floating-point operations are counted by torch's FlopCounterMode on one forward pass; the GEMM rate is
+    the best of a few large (2048^3) torch matmuls on the torch threads. Their ratio is a lower bound on the
+    fp32 seconds per slice that no runtime can beat on this machine, whatever it fuses.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    size = model.preprocessing.input_size
+    example = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model.sam.image_encoder(example.to(model.device))
+    by_operator = {str(name).split(".")[-1]: flops for name, flops in counter.get_flop_counts()["Global"].items()}
+    total = counter.get_total_flops()
+    left, right = torch.rand(2048, 2048), torch.rand(2048, 2048)
+    left @ right
+    best = min(_seconds(lambda: left @ right) for _ in range(5))
+    rate = 2 * 2048 ** 3 / best
+    print(f"\nfp32 compute floor of the {model.name} image encoder ({size} px input, "
+          f"{torch.get_num_threads()} threads)")
+    parts = ", ".join(f"{name} {flops / 1e9:.1f}" for name, flops in sorted(by_operator.items(), key=lambda x: -x[1]))
+    print(f"one slice: {total / 1e9:.1f} GFLOP ({parts})")
+    print(f"fastest fp32 GEMM here (2048^3 torch matmul, best of 5): {rate / 1e9:.0f} GFLOP/s")
+    floor = total / rate
+    print(f"lower bound at that rate: {floor:.3f} s/slice", end="")
+    if onnx_seconds_per_slice is not None:
+        print(f"; the fast fp32 encoder runs at {total / onnx_seconds_per_slice / 1e9:.0f} GFLOP/s "
+              f"({onnx_seconds_per_slice:.3f} s/slice)", end="")
+    print()
+
+
+def _seconds(function) -> float:
+    started = time.perf_counter()
+    function()
+    return time.perf_counter() - started
 
 
 def click_table(model, sample, repeats: int) -> None:
@@ -172,7 +216,8 @@ def _varied_boxes(labels_slice: np.ndarray | None, body: np.ndarray, rng: np.ran
     return boxes
 
 
-def fp32_runtime_table(model, volumes: dict, slices_per_volume: int, repeats: int, boxes_per_slice: int) -> None:
+def fp32_runtime_table(model, volumes: dict, slices_per_volume: int, repeats: int,
+                       boxes_per_slice: int) -> float | None:
     """fp32 eager against the fast fp32 encoder (ONNX Runtime), interleaved in one process.
 
     Each slice is encoded ``repeats`` times by each runtime, alternating which goes first, so a load that comes
@@ -189,6 +234,7 @@ def fp32_runtime_table(model, volumes: dict, slices_per_volume: int, repeats: in
     print(f"{'volume':<28} {'slices':>6} {'eager s/slice':>14} {'fast s/slice':>13} {'ratio':>7} "
           f"{'prompts':>8} {'mask Dice mean':>15} {'min':>7}")
     rng = np.random.default_rng(0)
+    all_fast_times = []
     for name, (volume, labels) in volumes.items():
         eager = VolumePredictor(model, volume, cache=EmbeddingCache(), precision="fp32", batch_size=1)
         eager.use_onnx_encoder = False
@@ -214,6 +260,7 @@ def fp32_runtime_table(model, volumes: dict, slices_per_volume: int, repeats: in
                     timed[predictor is fast] = time.perf_counter() - started
                 eager_times.append(timed[False])
                 fast_times.append(timed[True])
+                all_fast_times.append(timed[True])
                 ratios.append(timed[True] / timed[False])
         scores = []
         for index in indices:
@@ -229,6 +276,7 @@ def fp32_runtime_table(model, volumes: dict, slices_per_volume: int, repeats: in
               f"{np.mean(scores):>15.4f} {np.min(scores):>7.4f}")
         print(f"{'':<28} (ONNX export or load, once: {setup:.1f} s)")
     print("ratio: median of fast/eager per interleaved pair; target fast <= 0.4 s/slice, mask Dice >= 0.99")
+    return statistics.median(all_fast_times) if all_fast_times else None
 
 
 def _fp32_volumes(sample, cases_dir: Path) -> dict:
@@ -257,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fp32-boxes", type=int, default=8, help="box prompts per slice for the fp32 mask Dice")
     parser.add_argument("--cases", type=Path, default=Path(__file__).resolve().parents[1].parent / "shared" / "cases",
                         help="folder holding lung1 (default ../shared/cases beside the checkout)")
-    parser.add_argument("--skip", nargs="*", default=(), choices=("encoder", "fp32", "click", "auto"))
+    parser.add_argument("--skip", nargs="*", default=(), choices=("encoder", "fp32", "floor", "click", "auto"))
     args = parser.parse_args(argv)
 
     from napari_sam_ft.models.registry import load_model
@@ -269,9 +317,12 @@ def main(argv: list[str] | None = None) -> int:
     if "encoder" not in args.skip:
         half = args.slices // 2
         encoder_table(model, sample, list(range(middle - half, middle - half + args.slices)), args.compile)
+    fast_seconds = None
     if "fp32" not in args.skip:
-        fp32_runtime_table(model, _fp32_volumes(sample, args.cases), args.fp32_slices, args.fp32_repeats,
-                           args.fp32_boxes)
+        fast_seconds = fp32_runtime_table(model, _fp32_volumes(sample, args.cases), args.fp32_slices,
+                                          args.fp32_repeats, args.fp32_boxes)
+    if "floor" not in args.skip:
+        compute_floor_table(model, fast_seconds)
     if "click" not in args.skip:
         click_table(model, sample, args.repeats)
     if "auto" not in args.skip:

@@ -107,3 +107,27 @@ def test_a_failed_export_falls_back_to_eager_with_one_warning(litemedsam, ct_sam
     assert predictor.encoded_slices == 3 and predictor.onnx_encoder() is None
     warnings = [record for record in caplog.records if record.levelno == logging.WARNING]
     assert len(warnings) == 1 and "exporter broke" in warnings[0].getMessage()
+
+
+def test_a_run_that_never_changes_the_encoder_encodes_its_views_as_the_engine_does(litemedsam, ct_sample):
+    """In fp32 on a CPU, a decoder-scope run encodes through the base model's ONNX Runtime export, so it trains
+    on exactly the embeddings the engine caches; a LoRA run changes the encoder and encodes with torch."""
+    import torch
+
+    from napari_sam_ft.finetune import TrainSettings, VolumeAnnotations, build_training_data
+    from napari_sam_ft.finetune.train import _Trainer
+
+    labels = np.zeros_like(ct_sample.labels.array)
+    labels[[9, 15]] = ct_sample.labels.array[[9, 15]]
+    data = build_training_data([VolumeAnnotations(ct_sample.image, labels, "ct")], classes=[5],
+                               validation_slices=[15])
+    decoder_run = _Trainer(litemedsam, data, TrainSettings(scope="decoder", precision="fp32"), None, None)
+    assert decoder_run.frozen_encoder is onnx_encoder.onnx_encoder_for(litemedsam) is not None
+    predictor = VolumePredictor(litemedsam, ct_sample.image, cache=EmbeddingCache(), precision="fp32")
+    image = predictor.slice_image(SAMPLE_SLICE)
+    with torch.no_grad():
+        trained_on = decoder_run.encode([image])
+    torch.testing.assert_close(trained_on, predictor.encode_batch(image[None]).half().float(), rtol=0, atol=0)
+    assert _Trainer(litemedsam, data, TrainSettings(scope="lora", precision="fp32"), None, None).frozen_encoder is None
+    assert _Trainer(litemedsam, data, TrainSettings(scope="decoder", precision="bf16"), None,
+                    None).frozen_encoder is None

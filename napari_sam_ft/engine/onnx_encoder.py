@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import re
 import tempfile
 import threading
@@ -49,6 +50,12 @@ def onnxruntime_version() -> str | None:
     except ImportError:
         return None
     return onnxruntime.__version__
+
+
+def enabled_by_environment() -> bool:
+    """False where ``NAPARI_SAM_FT_ONNX_ENCODER=0`` keeps torch's eager encoder (its embeddings differ from ONNX
+    Runtime's by ~3e-6)."""
+    return os.environ.get("NAPARI_SAM_FT_ONNX_ENCODER", "1") != "0"
 
 
 def fp32_encoder_runtime(model_family: str, device: torch.device) -> str:

@@ -7,7 +7,6 @@ All prompt coordinates are in volume pixel units of the current slice, SAM-style
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -20,7 +19,7 @@ from ..models.registry import LoadedModel, ModelIdentity
 from ..volume import Volume, Window, choose_window
 from .cache import CacheKey, EmbeddingCache, volume_content_hash
 from .fast_decoder import FastMaskDecoder, supports
-from .onnx_encoder import onnx_encoder_for
+from .onnx_encoder import enabled_by_environment as onnx_encoder_enabled, onnx_encoder_for
 
 ProgressCallback = Callable[[int, int], None]
 CancelCheck = Callable[[], bool]
@@ -109,8 +108,7 @@ class VolumePredictor:
         self.cache = cache if cache is not None else EmbeddingCache()
         self.encoder_dtype = autocast_dtype(model.device, precision)
         # fp32 on a CPU runs the base encoder through ONNX Runtime (engine.onnx_encoder); False: torch eager.
-        # NAPARI_SAM_FT_ONNX_ENCODER=0 keeps torch eager (its embeddings differ from ONNX Runtime's by ~3e-6).
-        self.use_onnx_encoder = os.environ.get("NAPARI_SAM_FT_ONNX_ENCODER", "1") != "0"
+        self.use_onnx_encoder = onnx_encoder_enabled()
         self.batch_size = batch_size or default_batch_size(model)
         self.volume_hash = volume_content_hash(volume.array)
         self.encoder_calls = 0
