@@ -87,36 +87,42 @@ def annotated_slices(reference: np.ndarray, class_ids, per_structure: int) -> li
 
 
 # -- scores ---------------------------------------------------------------------------------------
-def box_dice(predictor, reference: np.ndarray, slices: list[int], class_ids) -> float:
-    """Mean Dice of the tight-box prompt of every object (connected piece of a class) on the held-out slices,
+def box_dice(predictor, reference: np.ndarray, slices: list[int], class_ids) -> dict:
+    """Dice of the tight-box prompt of every object (connected piece of a class) on the held-out slices,
     as a user boxes each piece they see (``engine.prompts.objects_on_slice``), through the widget's own
-    ``predict_object`` (window per prompt, small boxes zoomed where the model does)."""
+    ``predict_object`` (window per prompt, small boxes zoomed where the model does) ->
+    {"box": mean over objects, "box_by_class": {class id: mean over its objects}}."""
     from napari_sam_ft.engine.click_search import predict_object
     from napari_sam_ft.engine.prompts import box_from_mask, objects_on_slice
     from napari_sam_ft.metrics import dice
 
-    scores = []
+    scores: dict[int, list[float]] = {}
     for z in slices:
-        for _, mask in objects_on_slice(reference[z], class_ids):
-            scores.append(dice(predict_object(predictor, z, box=box_from_mask(mask)).mask, mask))
-    return float(np.mean(scores)) if scores else float("nan")
+        for class_id, mask in objects_on_slice(reference[z], class_ids):
+            scores.setdefault(int(class_id), []).append(
+                dice(predict_object(predictor, z, box=box_from_mask(mask)).mask, mask))
+    every = [score for of_class in scores.values() for score in of_class]
+    return {"box": float(np.mean(every)) if every else float("nan"),
+            "box_by_class": {class_id: float(np.mean(of_class)) for class_id, of_class in sorted(scores.items())}}
 
 
-def class_dice(labels: np.ndarray, reference: np.ndarray, class_ids) -> float:
-    """Mean over classes of the Dice over all given slices together."""
+def class_dice(labels: np.ndarray, reference: np.ndarray, class_ids) -> dict:
+    """{class id: the Dice over all given slices together}."""
     from napari_sam_ft.metrics import dice
 
-    return float(np.mean([dice(labels == class_id, reference == class_id) for class_id in class_ids]))
+    return {int(class_id): float(dice(labels == class_id, reference == class_id)) for class_id in class_ids}
 
 
-def automatic_dice(predictor, reference: np.ndarray, slices: list[int], class_ids) -> float:
-    """Automatic segmentation of ``slices`` scored against the reference (instances matched to classes)."""
+def automatic_dice(predictor, reference: np.ndarray, slices: list[int], class_ids) -> dict:
+    """Automatic segmentation of ``slices`` scored against the reference (instances matched to classes) ->
+    {"automatic": mean over classes, "automatic_by_class": {class id: Dice}}."""
     from napari_sam_ft.engine.automatic import match_instances_to_classes, segment_volume
 
     labels = segment_volume(predictor, slice_indices=slices)[slices]
     if predictor.model.class_head is None:
         labels = match_instances_to_classes(labels, reference[slices])
-    return class_dice(labels, reference[slices], class_ids)
+    by_class = class_dice(labels, reference[slices], class_ids)
+    return {"automatic": float(np.mean(list(by_class.values()))), "automatic_by_class": by_class}
 
 
 def whole_volume_seconds_per_slice(model, image, precision: str) -> tuple[float, float]:
@@ -209,7 +215,8 @@ def write_tables(out: Path, rows: list[dict], about: dict) -> None:
     lines = ["# Few-shot fine-tuning on real scans", "",
              f"Last run {about['date']}, {about['cpu']}, {about['torch_threads']} torch threads, encoder precision "
              f"{about['encoder_precision']}, load average {about.get('load_average', '-')} at the start. The *run* "
-             "column gives each row's start date, torch threads and load average (\"earlier\": a row from before rows "
+             "column gives each row's start date, torch threads, load average and (since 2026-12-04) encoder precision "
+             "(\"earlier\": a row from before rows "
              "recorded it; see the history of finetune.jsonl). Wall-clock seconds are quiet-machine figures only "
              "when the load was below the number of cores; the training CPU seconds divided by the torch threads "
              "estimate a quiet run. 5 annotated slices per structure; every other labelled slice held out and "
@@ -235,12 +242,14 @@ def target_lines(rows: list[dict]) -> list[str]:
             checks = []
             if automatic.get("automatic") is not None:
                 value = automatic["automatic"]
-                checks.append(f"automatic {value:.3f} {'>=' if value >= 0.80 else '<'} 0.80")
+                checks.append(f"automatic {value:.3f} {'>=' if value >= 0.80 else '<'} 0.80"
+                              + per_class_text(automatic, "automatic_by_class", 0.80))
                 if zero.get("box") is not None:
                     checks.append(f"{'>=' if value >= zero['box'] else '<'} zero-shot box {zero['box']:.3f}")
             if box.get("box") is not None and zero.get("box") is not None:
                 verdict = "ok" if box["box"] >= zero["box"] else "worse"
-                checks.append(f"box {zero['box']:.3f} -> {box['box']:.3f} ({verdict})")
+                checks.append(f"box {zero['box']:.3f} -> {box['box']:.3f} ({verdict})"
+                              + per_class_text(box, "box_by_class", None, zero.get("box_by_class")))
             trained = [row for row in (automatic, box) if row.get("train_s") is not None]
             if trained:
                 estimates = [row["quiet_estimate_s"] for row in trained if row.get("quiet_estimate_s") is not None]
@@ -252,6 +261,26 @@ def target_lines(rows: list[dict]) -> list[str]:
                 checks.append(f"with load {busy['automatic']:.3f} (diff {difference:+.3f}, {busy['train_s']:.0f} s)")
             lines.append(f"- {case}, {scope}: " + "; ".join(checks))
     return lines
+
+
+def per_class_text(row: dict, key: str, target: float | None, before: dict | None = None) -> str:
+    """" (amygdala 0.683 < 0.80, ...)" for a row of several classes scored per class; "" otherwise (or for rows
+    from before per-class scores were kept). With ``before``, each class's zero-shot score -> this one."""
+    by_class = {str(class_id): value for class_id, value in (row.get(key) or {}).items()}  # JSON keys are str
+    if len(by_class) < 2:
+        return ""
+    names = {str(class_id): name for class_id, name in row.get("classes", {}).items()}
+    before = {str(class_id): value for class_id, value in (before or {}).items()}
+    parts = []
+    for class_id, value in by_class.items():
+        name = names.get(class_id, class_id)
+        if class_id in before:
+            parts.append(f"{name} {before[class_id]:.3f} -> {value:.3f}")
+        elif target is not None:
+            parts.append(f"{name} {value:.3f} {'>=' if value >= target else '<'} {target:.2f}")
+        else:
+            parts.append(f"{name} {value:.3f}")
+    return " (" + ", ".join(parts) + ")"
 
 
 def run_case(name, image, reference, classes, args, model, done: dict, record) -> None:
@@ -275,9 +304,9 @@ def run_case(name, image, reference, classes, args, model, done: dict, record) -
 
     if ("-", "zero-shot", "-") not in done:
         started = time.perf_counter()
-        scores = {"box": box_dice(predictor(), reference, held_out, class_ids)}
+        scores = box_dice(predictor(), reference, held_out, class_ids)
         if not args.skip_zero_shot_automatic:
-            scores["automatic"] = automatic_dice(predictor(), reference, held_out, class_ids)
+            scores.update(automatic_dice(predictor(), reference, held_out, class_ids))
         record({**base, "load": "-", "scope": "zero-shot", "prompt": "-", **scores,
                 "score_s": round(time.perf_counter() - started, 1)})
     data = build_training_data([VolumeAnnotations(image, painted, name)], class_names=classes)
@@ -302,12 +331,12 @@ def run_case(name, image, reference, classes, args, model, done: dict, record) -
                         started = time.perf_counter()
                         scores = {}
                         if mode == "none":
-                            scores["automatic"] = automatic_dice(predictor(), reference, held_out, class_ids)
+                            scores.update(automatic_dice(predictor(), reference, held_out, class_ids))
                             if not args.skip_timing:
                                 scores["auto_s_per_slice"], scores["auto_cpu_s_per_slice"] = \
                                     whole_volume_seconds_per_slice(model, image, args.timing_precision)
                         else:
-                            scores["box"] = box_dice(predictor(), reference, held_out, class_ids)
+                            scores.update(box_dice(predictor(), reference, held_out, class_ids))
                     finally:
                         unload_adapter(model)
                 record({**base, "load": load, "scope": scope, "prompt": mode, **scores,
@@ -358,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def record(row: dict) -> None:
         # Rows of several runs share the table (a second run adds only the missing ones): each says its own.
-        row = {**row, "run": f"{about['date']}, {about['torch_threads']} threads, load {about['load_average']}"}
+        row = {**row, "run": f"{about['date']}, {about['torch_threads']} threads, load {about['load_average']}, "
+                             f"encoder {about['encoder_precision']}"}
         rows.append(row)
         with journal.open("a") as handle:
             handle.write(json.dumps(row, default=str) + "\n")
