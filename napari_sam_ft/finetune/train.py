@@ -261,7 +261,7 @@ class _Trainer:
                                                            copy_network=False)
         self.sam = self.trainable.sam
         # A run that never changes the encoder (decoder scope) encodes as the engine does in fp32 on a CPU: through
-        # the base model's ONNX Runtime export (equal to eager to ~3e-6, ~1.7x faster on a 2-core CPU without bf16),
+        # the base model's ONNX Runtime export (equal to eager to ~3e-6, ~1.4x faster on a 2-core CPU without bf16),
         # so training sees the embeddings inference will use.
         self.frozen_encoder = (onnx_encoder_for(model) if self.dtype is None and onnx_encoder_enabled()
                                and not any(p.requires_grad for p in self.sam.image_encoder.parameters()) else None)
