@@ -42,7 +42,8 @@ trap 'rm -rf "$NAPARI_SAM_FT_CACHE"' EXIT
 
 echo "== running the tests"
 set +e
-xvfb-run -a -s "-screen 0 1280x1024x24" .venv/bin/python -m pytest -p no:cacheprovider "$@"
+# --durations: the slowest tests are named in every run, to keep the whole run inside CI's 30 minutes.
+xvfb-run -a -s "-screen 0 1280x1024x24" .venv/bin/python -m pytest -p no:cacheprovider --durations=15 "$@"
 status=$?
 set -e
 if [ "$status" = 5 ]; then
