@@ -181,3 +181,20 @@ def test_zoomed_box_examples_are_the_slice_as_an_adapter_that_zooms_decodes_it()
     assert not (inside == 1).any()  # the large object is cut by the crop's edge: never prompted there
     empty_whole, no_crops = zoomed_box_examples(AnnotatedSlice(0, 0, image, np.zeros_like(labels)), [1])
     assert empty_whole.labels.sum() == 0 and no_crops == []
+
+
+def test_zoomed_box_examples_keep_at_most_max_crops_spread_over_the_objects():
+    """A chest slice holds ~25 rib cross-sections: only ``max_crops`` of them are zoomed, first and last included."""
+    from napari_sam_ft.finetune.data import AnnotatedSlice, zoomed_box_examples
+
+    labels = np.zeros((200, 200), np.int32)
+    for row in range(10):  # ten small objects down the left side, found top to bottom
+        labels[10 + 18 * row:16 + 18 * row, 10:16] = 1
+    image = np.random.default_rng(0).random(labels.shape).astype(np.float32)
+    example = AnnotatedSlice(0, 3, image, labels)
+    _, every = zoomed_box_examples(example, [1])
+    _, capped = zoomed_box_examples(example, [1], max_crops=4)
+    assert len(every) == 10 and len(capped) == 4
+    chosen = [next(index for index, crop in enumerate(every) if np.array_equal(crop.image_01, kept.image_01))
+              for kept in capped]
+    assert chosen == [0, 3, 6, 9]

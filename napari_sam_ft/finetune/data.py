@@ -170,11 +170,13 @@ class TrainingData:
                 f"slice(s) [{where(self.validation)}], {len(self.class_ids)} class(es)")
 
 
-def zoomed_box_examples(example: AnnotatedSlice,
-                        class_ids: Sequence[int]) -> tuple[AnnotatedSlice, list[AnnotatedSlice]]:
+def zoomed_box_examples(example: AnnotatedSlice, class_ids: Sequence[int],
+                        max_crops: int | None = None) -> tuple[AnnotatedSlice, list[AnnotatedSlice]]:
     """The slice as an adapter that zooms decodes it -> (whole, crops): the whole slice labelled with only the
     objects too large to zoom, and one crop per small object (``engine.zoom.zoom_crop`` of its tight box, as
-    inference takes it), each labelled with only the objects lying wholly inside it.
+    inference takes it), each labelled with only the objects lying wholly inside it. With ``max_crops``, at
+    most that many crops, spread evenly over the small objects in the order they are found (a chest slice holds
+    ~25 rib cross-sections: every one of them would cost an encoder pass per view and per validation).
 
     A box-mode adapter learns from and is validated on exactly these, as it decodes every small box zoomed;
     objects cut by a crop's edge are left unlabelled, as a box is never drawn around a piece of one. ``whole``
@@ -188,10 +190,11 @@ def zoomed_box_examples(example: AnnotatedSlice,
         if crop is None:
             large |= mask
     whole = replace(example, labels=np.where(large, example.labels, 0).astype(example.labels.dtype))
+    small = [crop for crop in crops if crop is not None]
+    if max_crops is not None and len(small) > max_crops:
+        small = [small[int(position)] for position in np.linspace(0, len(small) - 1, max_crops).round()]
     zoomed = []
-    for crop in crops:
-        if crop is None:
-            continue
+    for crop in small:
         inside = np.zeros(example.shape, bool)
         for other, other_box in zip(objects, boxes):
             if (other_box[0] >= crop.left and other_box[1] >= crop.top and other_box[2] <= crop.right

@@ -116,6 +116,7 @@ class TrainSettings:
     # so that with the adapter small boxes are zoomed as with the base model.
     zoom_small_boxes: bool = True
     zoom_views_per_object: int = 2
+    zoom_crops_per_slice: int = 6  # at most this many small objects per slice are learnt (and validated) zoomed
     seed: int = 0
     precision: str = "auto"
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -134,9 +135,9 @@ class TrainSettings:
         if self.decoder_steps == 0 and (self.scope == "decoder" or self.encoder_steps == 0):
             raise ValueError("nothing to train: decoder_steps is 0 and there is no encoder phase")
         if min(self.batch_size, self.views_per_slice, self.validate_every, self.encoder_validate_every,
-               self.zoom_views_per_object) < 1:
-            raise ValueError("batch_size, views_per_slice, zoom_views_per_object and the validation intervals must "
-                             "be at least 1")
+               self.zoom_views_per_object, self.zoom_crops_per_slice) < 1:
+            raise ValueError("batch_size, views_per_slice, zoom_views_per_object, zoom_crops_per_slice and the "
+                             "validation intervals must be at least 1")
         if self.time_limit_s is not None and self.time_limit_s <= 0:
             raise ValueError(f"the time limit must be positive, got {self.time_limit_s}")
 
@@ -353,7 +354,9 @@ class _Trainer:
     def as_decoded(self, example: AnnotatedSlice) -> tuple[AnnotatedSlice, list[AnnotatedSlice]]:
         """The slice as inference decodes it -> (whole, crops): zooming, its large objects whole and each small
         one on its crop; otherwise the slice itself and no crops."""
-        return zoomed_box_examples(example, self.data.class_ids) if self.settings.zooms else (example, [])
+        if not self.settings.zooms:
+            return example, []
+        return zoomed_box_examples(example, self.data.class_ids, max_crops=self.settings.zoom_crops_per_slice)
 
     def decoded_pieces(self, example: AnnotatedSlice) -> list[AnnotatedSlice]:
         whole, crops = self.as_decoded(example)
