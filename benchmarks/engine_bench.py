@@ -28,12 +28,11 @@ def _median_ms(function, repeats: int) -> tuple[float, float]:
 
 
 def encoder_table(model, sample, slices: list[int], compile_encoder: bool) -> None:
+    from napari_sam_ft.devices import cpu_has_native_bf16
     from napari_sam_ft.engine.cache import EmbeddingCache
     from napari_sam_ft.engine.predictor import VolumePredictor
     from napari_sam_ft.engine.prompts import box_from_mask
     from napari_sam_ft.metrics import dice
-
-    from napari_sam_ft.devices import cpu_has_native_bf16
 
     organs = {1: "spleen", 2: "kidney_right", 3: "kidney_left", 5: "liver"}
     rows = []

@@ -359,6 +359,7 @@ class _Trainer:
         return zoomed_box_examples(example, self.data.class_ids, max_crops=self.settings.zoom_crops_per_slice)
 
     def decoded_pieces(self, example: AnnotatedSlice) -> list[AnnotatedSlice]:
+        """``as_decoded`` as one list: the whole slice, then its crops."""
         whole, crops = self.as_decoded(example)
         return [whole, *crops]
 
