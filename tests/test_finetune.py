@@ -12,6 +12,8 @@ from napari_sam_ft.finetune.validation import score_slices
 from napari_sam_ft.finetune.heads import ClassHead
 from napari_sam_ft.finetune.scopes import LoraSettings, expected_lora_count, prepare_scope
 from napari_sam_ft.engine.predictor import VolumePredictor
+from napari_sam_ft.engine.window_choice import chooses_window_per_prompt
+from napari_sam_ft.scan_jobs import predictor_for
 from napari_sam_ft.models.registry import load_model
 from napari_sam_ft.sample import load_sample
 
@@ -132,12 +134,14 @@ def test_train_adapter_saves_a_working_adapter_and_leaves_the_model_alone(model,
     assert metadata["class_names"] == {"1": "spleen", "5": "liver"} and metadata["scope"] == "decoder"
     assert metadata["windows"][0]["name"] == "soft_tissue"
     assert metadata["training"]["validation_slices"] == [[0, 14]]
+    assert metadata["windows_per_prompt"] is False  # mixed mode: the head needs one window per slice
 
     # The validation Dice stored is what the engine path reproduces with the loaded adapter.
     info = load_adapter(model, result.adapter_dir)
     try:
         _, scores = engine_validation_scores(model, ct, data, ("box", "none"))
         assert scores == pytest.approx(info.val_dice_after, abs=1e-6)
+        assert not chooses_window_per_prompt(predictor_for(model, ct.image))  # it keeps its trained window
     finally:
         unload_adapter(model)
 
@@ -299,7 +303,8 @@ def test_box_mode_learns_the_zoomed_crops_and_its_adapter_zooms_small_boxes(mode
     first = train_adapter(model, data, tmp_path / "first", settings)
     again = train_adapter(model, data, tmp_path / "again", settings)
     assert first.adapter_id == again.adapter_id and first.val_dice_after == again.val_dice_after
-    assert json.loads((first.adapter_dir / METADATA_FILE).read_text())["zooms_small_boxes"] is True
+    metadata = json.loads((first.adapter_dir / METADATA_FILE).read_text())
+    assert metadata["zooms_small_boxes"] is True and metadata["windows_per_prompt"] is True
 
     crops = []
     cropped_predictor = zoom.cropped_predictor
@@ -313,6 +318,8 @@ def test_box_mode_learns_the_zoomed_crops_and_its_adapter_zooms_small_boxes(mode
     info = load_adapter(model, first.adapter_dir)
     try:
         assert info.zooms_small_boxes and zoom.zooms(predictor)
+        # It learnt each box in the CT window the engine chooses for it: with it, boxes are still windowed so.
+        assert info.windows_per_prompt and chooses_window_per_prompt(predictor_for(model, ct.image))
         predict_object(predictor, 14, box=box_from_mask(liver))
         assert not crops
         zoomed = predict_object(predictor, 14, box=box_from_mask(aorta))

@@ -198,3 +198,53 @@ def test_zoomed_box_examples_keep_at_most_max_crops_spread_over_the_objects():
     chosen = [next(index for index, crop in enumerate(every) if np.array_equal(crop.image_01, kept.image_01))
               for kept in capped]
     assert chosen == [0, 3, 6, 9]
+
+
+def synthetic_chest_ct() -> tuple[np.ndarray, np.ndarray]:
+    """A (4, 128, 128) CT in Hounsfield units: air around a soft-tissue body holding a lung with a solid lesion
+    in it and an organ; labels 1 lesion, 2 organ, 3 lung (on every slice)."""
+    image = np.full((4, 128, 128), -1000.0, np.float32)
+    image[:, 10:118, 10:118] = 40.0
+    image[:, 20:80, 20:70] = -850.0  # the lung
+    rows, cols = np.mgrid[:128, :128]
+    lesion = (rows - 45) ** 2 + (cols - 40) ** 2 <= 36  # round: its box's corners are lung
+    image[:, lesion] = 30.0
+    image[:, 90:110, 80:110] = 60.0  # an organ below
+    image += np.random.default_rng(1).normal(0.0, 5.0, image.shape).astype(np.float32)
+    labels = np.zeros(image.shape, np.int32)
+    labels[:, 20:80, 20:70] = 3
+    labels[:, lesion] = 1
+    labels[:, 90:110, 80:110] = 2
+    return image, labels
+
+
+def test_a_ct_on_the_automatic_window_is_learnt_in_the_window_each_box_is_decoded_in():
+    """The engine windows each box on an automatic-window CT on its own (a lesion in the lung flatter than the
+    lung, the organ in soft tissue): ``windowed_per_prompt`` gives one copy of the slice per window its objects'
+    boxes choose, windowed so and labelled with those objects only. An explicit window, or an MRI, stays one."""
+    from napari_sam_ft.engine.prompts import box_from_mask
+    from napari_sam_ft.engine.window_choice import window_for_box
+    from napari_sam_ft.finetune.data import windowed_per_prompt
+
+    image, labels = synthetic_chest_ct()
+    data = build_training_data([VolumeAnnotations(image, labels, "chest")], validation_slices=[2])
+    example = data.train[0]
+    np.testing.assert_array_equal(example.raw, image[example.slice_index])
+    pieces = windowed_per_prompt(example, data.class_ids)
+    expected = {class_id: window_for_box(example.raw, box_from_mask(example.labels == class_id)).name
+                for class_id in (1, 2, 3)}
+    assert expected == {1: "solid_in_air", 2: "soft_tissue", 3: "wide"}
+    assert len(pieces) == 3
+    for piece in pieces:
+        (class_id,) = set(np.unique(piece.labels)) - {0}
+        np.testing.assert_array_equal(piece.labels == class_id, labels[example.slice_index] == class_id)
+        window = window_for_box(example.raw, box_from_mask(piece.labels == class_id))
+        np.testing.assert_array_equal(piece.image_01, window.apply(example.raw))
+        assert piece.raw is None
+    soft = next(piece for piece in pieces if (piece.labels == 2).any())
+    np.testing.assert_array_equal(soft.image_01, example.image_01)  # the volume's own window is soft tissue
+
+    explicit = build_training_data([VolumeAnnotations(image, labels, "chest", window="lung")], validation_slices=[2])
+    mr_like = build_training_data([VolumeAnnotations(image + 1100.0, labels, "mr")], validation_slices=[2])
+    for other in (explicit.train[0], mr_like.train[0]):
+        assert other.raw is None and windowed_per_prompt(other, data.class_ids) == [other]

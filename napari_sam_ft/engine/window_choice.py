@@ -38,9 +38,12 @@ _IS_CT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # Volume -> l
 
 
 def chooses_window_per_prompt(predictor: VolumePredictor) -> bool:
-    """True for a single-channel CT whose window was left on "auto", with no adapter (an adapter keeps the
-    window it was trained in)."""
-    if not getattr(predictor, "window_is_automatic", False) or predictor.model.adapter_id != "none":
+    """True for a single-channel CT whose window was left on "auto", with no adapter or one that learnt its boxes
+    so (``finetune.data.windowed_per_prompt``); other adapters keep the one window they were trained in."""
+    if not getattr(predictor, "window_is_automatic", False):
+        return False
+    adapter = predictor.model.adapter
+    if adapter is not None and not adapter.info.windows_per_prompt:
         return False
     volume = predictor.volume
     if volume not in _IS_CT:

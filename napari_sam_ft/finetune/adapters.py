@@ -78,6 +78,12 @@ class AdapterInfo:
         """Whether it learnt the zoomed crops small boxes are decoded on (``engine.zoom``): box-mode adapters."""
         return bool(self.metadata.get("zooms_small_boxes", False))
 
+    @property
+    def windows_per_prompt(self) -> bool:
+        """Whether it learnt each box in the CT window chosen for it (``engine.window_choice``): prompted modes
+        on a CT left on the automatic window."""
+        return bool(self.metadata.get("windows_per_prompt", False))
+
     def summary(self) -> str:
         names = ", ".join(self.class_names.get(class_id, str(class_id)) for class_id in self.class_ids)
         dice = ", ".join(f"{mode} {self.val_dice_before.get(mode, float('nan')):.2f} -> {value:.2f}"

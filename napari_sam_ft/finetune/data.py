@@ -15,8 +15,9 @@ from typing import Sequence
 import numpy as np
 
 from ..engine.prompts import box_from_mask, objects_on_slice
+from ..engine.window_choice import window_for_box
 from ..engine.zoom import zoom_crop
-from ..volume import Volume, Window, choose_window
+from ..volume import Volume, Window, choose_window, looks_like_ct
 
 
 class FinetuneDataError(ValueError):
@@ -56,6 +57,9 @@ class AnnotatedSlice:
     slice_index: int
     image_01: np.ndarray  # (H, W) or (H, W, 3) float32, windowed to [0, 1]
     labels: np.ndarray  # (H, W) int32 label ids; ids outside the trained classes are already 0
+    # The raw slice (Hounsfield units) of a CT left on the automatic window, whose box prompts the engine
+    # windows one by one (``engine.window_choice``); None for MRI, multi-channel images and explicit windows.
+    raw: np.ndarray | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -149,7 +153,8 @@ class TrainingData:
         def cut(example: AnnotatedSlice) -> AnnotatedSlice:
             view = self.fields_of_view[example.volume_index]
             return replace(example, image_01=np.ascontiguousarray(view.crop(example.image_01)),
-                           labels=np.ascontiguousarray(view.crop(example.labels)))
+                           labels=np.ascontiguousarray(view.crop(example.labels)),
+                           raw=None if example.raw is None else np.ascontiguousarray(view.crop(example.raw)))
 
         return replace(self, train=[cut(example) for example in self.train],
                        validation=[cut(example) for example in self.validation], cropped=True)
@@ -190,9 +195,7 @@ def zoomed_box_examples(example: AnnotatedSlice, class_ids: Sequence[int],
         if crop is None:
             large |= mask
     whole = replace(example, labels=np.where(large, example.labels, 0).astype(example.labels.dtype))
-    small = [crop for crop in crops if crop is not None]
-    if max_crops is not None and len(small) > max_crops:
-        small = [small[int(position)] for position in np.linspace(0, len(small) - 1, max_crops).round()]
+    small = spread_evenly([crop for crop in crops if crop is not None], max_crops)
     zoomed = []
     for crop in small:
         inside = np.zeros(example.shape, bool)
@@ -203,8 +206,35 @@ def zoomed_box_examples(example: AnnotatedSlice, class_ids: Sequence[int],
         window = (slice(crop.top, crop.bottom), slice(crop.left, crop.right))
         labels = np.where(inside, example.labels, 0).astype(example.labels.dtype)
         zoomed.append(replace(example, image_01=np.ascontiguousarray(example.image_01[window]),
-                              labels=np.ascontiguousarray(labels[window])))
+                              labels=np.ascontiguousarray(labels[window]), raw=None))
     return whole, zoomed
+
+
+def spread_evenly(items: list, at_most: int | None) -> list:
+    """``items``, or ``at_most`` of them spread evenly over the list (first and last kept)."""
+    if at_most is None or len(items) <= at_most:
+        return list(items)
+    return [items[int(position)] for position in np.linspace(0, len(items) - 1, at_most).round()]
+
+
+def windowed_per_prompt(example: AnnotatedSlice, class_ids: Sequence[int]) -> list[AnnotatedSlice]:
+    """The slice as the engine segments box prompts on it where it chooses the window per prompt: one copy per
+    window its objects' boxes choose (``engine.window_choice.window_for_box``), windowed so and labelled with
+    only those objects, in the order the objects are found. A lung lesion is then learnt in the window its box is
+    decoded in, not in the volume's soft-tissue window. A slice without raw intensities is returned as it is.
+    """
+    if example.raw is None:
+        return [example]
+    groups: dict[str, tuple[Window, np.ndarray]] = {}  # window key -> (window, its objects' pixels)
+    for _, mask in objects_on_slice(example.labels, class_ids):
+        window = window_for_box(example.raw, box_from_mask(mask))
+        _, objects = groups.setdefault(window.key, (window, np.zeros(example.shape, bool)))
+        objects |= mask
+    if not groups:
+        return [replace(example, raw=None)]
+    return [replace(example, image_01=model_channels(window.apply(example.raw)),
+                    labels=np.where(objects, example.labels, 0).astype(example.labels.dtype), raw=None)
+            for window, objects in groups.values()]
 
 
 def model_channels(slice_01: np.ndarray) -> np.ndarray:
@@ -311,13 +341,17 @@ def build_training_data(volumes: Sequence[VolumeAnnotations], *, slices=None, va
 
     windows = [volume.window if isinstance(volume.window, Window) else choose_window(image, volume.window)
                for volume, (image, _) in zip(volumes, arrays)]
+    # As the engine: a single-channel CT left on "auto" has its box prompts windowed one by one.
+    windowed_per_box = [isinstance(volume.window, str) and volume.window == "auto" and image.ndim == 3
+                        and looks_like_ct(image) for volume, (image, _) in zip(volumes, arrays)]
 
     def example(volume_index: int, slice_index: int) -> AnnotatedSlice:
         image, labels = arrays[volume_index]
         slice_labels = np.asarray(labels[slice_index]).astype(np.int32)
         slice_labels[~np.isin(slice_labels, class_ids)] = 0
         windowed = windows[volume_index].apply(image[slice_index])
-        return AnnotatedSlice(volume_index, slice_index, model_channels(windowed), slice_labels)
+        raw = np.asarray(image[slice_index], np.float32) if windowed_per_box[volume_index] else None
+        return AnnotatedSlice(volume_index, slice_index, model_channels(windowed), slice_labels, raw)
 
     return TrainingData(train=[example(v, z) for v, z in train_keys],
                         validation=[example(v, z) for v, z in sorted(validation_keys)],

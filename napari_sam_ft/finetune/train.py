@@ -43,7 +43,7 @@ from ..engine.prompts import objects_on_slice
 from ..models.registry import LoadedModel
 from .adapters import adapter_size_bytes, base_network_copy, check_output_folder, save_adapter, window_record
 from .augment import AugmentSettings, augment_pair, jittered_box, sampled_points
-from .data import AnnotatedSlice, TrainingData, zoomed_box_examples
+from .data import AnnotatedSlice, TrainingData, spread_evenly, windowed_per_prompt, zoomed_box_examples
 from .heads import ClassHead
 from .losses import batch_dice_ce, binary_dice_ce
 from .scopes import SCOPES, LoraSettings, TrainableModel, prepare_scope
@@ -67,7 +67,7 @@ PROMPTED_LR_SCALE = {"lora": 1.0, "decoder": 0.1, "full": 0.1}
 ENCODER_LR_SCALE = {"lora": 1 / 3, "full": 0.1}
 MIXED_AUTOMATIC_SHARE = 0.7
 # Separate streams of random numbers, so that changing one phase's length never shifts another's draws.
-_STREAM_VIEWS, _STREAM_DECODER, _STREAM_ENCODER, _STREAM_PROBE, _STREAM_ZOOM_VIEWS = 1, 2, 3, 4, 5
+_STREAM_VIEWS, _STREAM_DECODER, _STREAM_ENCODER, _STREAM_PROBE, _STREAM_ZOOM_VIEWS, _STREAM_WINDOW_VIEWS = 1, 2, 3, 4, 5, 6
 STOP_REASONS = ("steps", "converged", "time_limit", "cancelled")
 
 
@@ -273,9 +273,13 @@ class _Trainer:
         self.best_state: tuple[dict, dict | None] | None = None
         self.views: list[_View] = []
         # Validation scores what inference will decode: with zoom, each small object on its crop.
+        # Prompted modes on a CT left on the automatic window learn each object in the window the engine will
+        # choose for its box (``finetune.data.windowed_per_prompt``), and the adapter then keeps that choice.
+        self.windows_per_prompt = settings.prompt_mode in PROMPTED_MODES and any(
+            example.raw is not None for example in (*data.train, *data.validation))
         self.validation_examples: list[AnnotatedSlice] = [
             piece for example in data.validation for piece in self.decoded_pieces(example) if piece.labels.any()
-        ] if settings.zooms else list(data.validation)
+        ] if settings.zooms or self.windows_per_prompt else list(data.validation)
         self.validation_embeddings: list[torch.Tensor] = []
         # Measured seconds (for the estimate and the ETA only: they never steer training).
         self.seconds_per_step = {"decoder": None, "encoder": None}
@@ -351,29 +355,38 @@ class _Trainer:
             embeddings = embeddings.half()
         return embeddings.float()
 
-    def as_decoded(self, example: AnnotatedSlice) -> tuple[AnnotatedSlice, list[AnnotatedSlice]]:
-        """The slice as inference decodes it -> (whole, crops): zooming, its large objects whole and each small
-        one on its crop; otherwise the slice itself and no crops."""
+    def as_decoded(self, example: AnnotatedSlice) -> tuple[list[AnnotatedSlice], list[AnnotatedSlice]]:
+        """The slice as inference decodes it -> (wholes, crops): one whole slice per window its prompts are
+        decoded in (one, unless windows are chosen per prompt) and, zooming, each small object on its crop (at
+        most ``zoom_crops_per_slice`` of them, spread over the slice's)."""
+        windowed = windowed_per_prompt(example, self.data.class_ids) if self.windows_per_prompt else [example]
         if not self.settings.zooms:
-            return example, []
-        return zoomed_box_examples(example, self.data.class_ids, max_crops=self.settings.zoom_crops_per_slice)
+            return windowed, []
+        wholes, crops = [], []
+        for piece in windowed:
+            whole, piece_crops = zoomed_box_examples(piece, self.data.class_ids)
+            wholes.append(whole)
+            crops += piece_crops
+        return wholes, spread_evenly(crops, self.settings.zoom_crops_per_slice)
 
     def decoded_pieces(self, example: AnnotatedSlice) -> list[AnnotatedSlice]:
-        """``as_decoded`` as one list: the whole slice, then its crops."""
-        whole, crops = self.as_decoded(example)
-        return [whole, *crops]
+        """``as_decoded`` as one list: the whole slices, then the crops."""
+        wholes, crops = self.as_decoded(example)
+        return [*wholes, *crops]
 
     def build_views(self) -> None:
         allow_flips = self.settings.prompt_mode in PROMPTED_MODES
         seed = self.settings.seed
         for slice_position, example in enumerate(self.data.train):
-            whole, crops = self.as_decoded(example)
-            # Each piece draws from its own stream, so that zooming never shifts the whole slices' draws.
-            pieces = [(whole, _generator(seed, _STREAM_VIEWS, slice_position), self.settings.views_per_slice)]
+            wholes, crops = self.as_decoded(example)
+            # Each piece draws from its own stream, so that zooming or windows never shift the whole slice's draws.
+            pieces = [(whole, _generator(seed, _STREAM_VIEWS, slice_position) if number == 0 else
+                       np.random.default_rng([seed, _STREAM_WINDOW_VIEWS, slice_position, number]),
+                       self.settings.views_per_slice) for number, whole in enumerate(wholes)]
             pieces += [(crop, np.random.default_rng([seed, _STREAM_ZOOM_VIEWS, slice_position, crop_number]),
                         self.settings.zoom_views_per_object) for crop_number, crop in enumerate(crops, start=1)]
             for piece, rng, views in pieces:
-                if self.settings.zooms and not piece.labels.any():
+                if (self.settings.zooms or self.windows_per_prompt) and not piece.labels.any():
                     continue  # a whole slice whose objects are all zoomed: nothing to prompt on it
                 self.views.append(_View(example, piece.image_01, piece.labels))
                 for _ in range(views - 1):
@@ -687,6 +700,8 @@ def _metadata(model: LoadedModel, data: TrainingData, settings: TrainSettings, t
         "fields_of_view": [view.to_json() for view in data.fields_of_view], "cropped": data.cropped,
         # Box mode: trained on the zoomed crops, so inference decodes every small box zoomed (``engine.zoom``).
         "zooms_small_boxes": settings.zooms,
+        # Trained on each box in the window the engine chooses for it on a CT: inference keeps choosing so.
+        "windows_per_prompt": trainer.windows_per_prompt,
         "val_dice_before": val_dice_before, "val_dice_after": trainer.best_scores,
         "trainable_parameters": trainer.trainable_parameters(),
         "training": training,
