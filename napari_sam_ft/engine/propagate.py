@@ -8,11 +8,12 @@ against ``--prompt box``), three things decide whether growth from one key slice
   back muscles). A large object's slice is decoded with both boxes in one pass, and of the masks that have the
   object's intensities (below) and overlap the neighbour's mask by half or more (the object moves little
   between slices; the organ beside it does not overlap it), the one with the higher predicted IoU is kept.
-  A small object (its box at most a fifth of the slice across) gets the tight box only: its margin box is filled with
-  the tissue around it, and the mask grows a little more on every slice (mni152's hippocampus reached four
-  times its size; lung1's lesion, thoracic vertebrae). Small objects rarely widen fast enough to need it.
+  A small object (its box at most a fifth of the slice across) gets the tight box only: SAM fills its
+  margin box with the tissue around it, and the mask grows a little more on every slice (mni152's
+  hippocampus reached four times its size; lung1's lesion, thoracic vertebrae). The sample CT's spleen,
+  over a fifth of its slice and shifting on every 3 mm slice, still needs the margin box.
 - Where to stop. Past the object's end SAM still finds something in the box, with a high predicted IoU (a
-  lung's box lands on the liver dome below the diaphragm at IoU 0.86). Growth stops when fewer than half of
+  lung's box lands on the liver dome below the diaphragm at IoU 0.86). Growth stops when under 30 % of
   the new mask's pixels have the intensities most of the key slice's object has (5-95 %, raw units), as
   well as on a low predicted IoU, a vanished mask or a collapsing area. The share is low because an MR
   lesion is not uniform: on brain2 only 41 % of the next slice's reference lesion has the key slice's
@@ -215,7 +216,7 @@ def propagate_mask(predictor: VolumePredictor, key_masks: dict[int, np.ndarray],
     Between two key slices each slice is prompted with the box interpolated between the keys' boxes.
     Beyond the outermost keys each slice grows from its neighbour's mask (``grow_into``); growth stops when
     the predicted IoU falls below ``stop_iou``, the mask vanishes, its area falls below ``min_area_ratio``
-    of the neighbour's, or most of it leaves the key slices' intensity band.
+    of the neighbour's, or under ``MIN_INSIDE_BAND`` of it has the key slices' intensities.
 
     ``report``, if given, receives for each side ("below", "above") the last slice reached and why growth
     stopped; ``scores`` receives each grown slice's predicted IoU (the widget shows the weakest).
