@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_sam_ft.engine.click_search import candidate_boxes, intensity_regions, predict_object, uses_click_search
+from napari_sam_ft.engine.click_search import (candidate_boxes, intensity_regions, most_specific, predict_object,
+                                              uses_click_search)
 from napari_sam_ft.engine.prompts import box_from_mask, interior_point
 from napari_sam_ft.metrics import dice
 
@@ -37,6 +38,16 @@ def test_only_box_trained_models_search_boxes(ct_predictor):
     boxes = candidate_boxes((50.0, 40.0), (101, 122))
     assert boxes.shape[1] == 4 and (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
     assert boxes[:, [0, 1]].min() >= 0 and boxes[:, 2].max() <= 122 and boxes[:, 3].max() <= 101
+
+
+def test_a_click_takes_a_part_only_when_it_is_a_different_smaller_structure():
+    """Near-tied masks of one structure (boxed a little differently) keep the best; a part well under half the
+    best mask's size that scores nearly as well (the aorta inside the body) wins."""
+    # Predictions stand in as names: only which one is returned matters.
+    assert most_specific([(0.829, 368, "spleen"), (0.796, 212, "spleen boxed tighter")]) == "spleen"
+    assert most_specific([(0.829, 6400, "body"), (0.796, 300, "aorta")]) == "aorta"
+    assert most_specific([(0.829, 6400, "body"), (0.70, 300, "aorta")]) == "body"  # too far below the best
+    assert most_specific([(0.80, 6400, "body"), (0.79, 500, "aorta and wall"), (0.78, 300, "aorta")]) == "aorta"
 
 
 @pytest.mark.parametrize("class_id", [STOMACH, VERTEBRA_L1, LIVER, SPLEEN])
