@@ -172,6 +172,9 @@ def test_lora_run_tunes_the_encoder_and_the_engine_reproduces_its_validation(mod
         first, stop = view["slices"]
         assert 0 < first and stop < ct.image.num_slices
         assert not labels[:first].any() and not labels[stop:].any()
+        for class_id, (class_first, class_stop) in view["class_slices"].items():  # each class within its own range
+            assert not (labels[:class_first] == int(class_id)).any() and not (labels[class_stop:] == int(class_id)).any()
+        assert set(view["class_slices"]) == {"1", "5"}
         assert predictor.encoder_calls <= -(-(stop - first) // 4)  # batches of 4 slices inside the range only
     finally:
         unload_adapter(model)
@@ -327,3 +330,21 @@ def test_box_mode_learns_the_zoomed_crops_and_its_adapter_zooms_small_boxes(mode
         assert zoomed.mask.shape == aorta.shape and (zoomed.mask & aorta).any()
     finally:
         unload_adapter(model)
+
+
+def test_each_class_gets_its_own_slice_range_and_is_not_looked_for_outside_it():
+    """Two structures on different slices: the field of view spans both, each class only its own slices plus one
+    annotation gap (at least 2), and the engine's channel ranges follow the adapter's class order."""
+    from napari_sam_ft.engine.automatic import class_slice_ranges
+    from napari_sam_ft.finetune.data import FieldOfView, field_of_view
+
+    labels = np.zeros((40, 64, 64), np.int32)
+    labels[[5, 8, 11], 10:20, 10:20] = 2  # every 3 slices: a gap of 3
+    labels[[20, 30], 30:40, 30:40] = 7
+    labels[25, 40:45, 40:45] = 9  # painted, not trained
+    view = field_of_view(labels, [5, 8, 11, 20, 25, 30], class_ids=[7, 2])
+    assert view.slices == (0, 36)  # the annotations' gap is 5
+    assert dict(view.class_slices) == {2: (2, 15), 7: (10, 40)}  # 7: gap 10, cut at the last slice
+    assert FieldOfView.from_json(view.to_json()) == view
+    assert class_slice_ranges(view.to_json(), (2, 7)) == {1: (2, 15), 2: (10, 40)}
+    assert class_slice_ranges({"slices": [0, 36]}, (2, 7)) == {}  # an adapter from before: no ranges

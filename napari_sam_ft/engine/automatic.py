@@ -217,14 +217,23 @@ def head_field_of_view(predictor: VolumePredictor) -> dict | None:
     return None
 
 
+def class_slice_ranges(view: dict | None, class_ids) -> dict[int, tuple[int, int]]:
+    """{head channel: (start, stop)} of the classes whose slice range the field of view records (an adapter
+    trained since the ranges were recorded: every class); a class is not looked for outside its range."""
+    recorded = (view or {}).get("class_slices") or {}
+    return {channel: (int(recorded[str(class_id)][0]), int(recorded[str(class_id)][1]))
+            for channel, class_id in enumerate(class_ids, start=1) if str(class_id) in recorded}
+
+
 @torch.inference_mode()
 def class_head_labels(predictor: VolumePredictor, slice_indices, batch_size: int = 4,
                       progress: ProgressCallback | None = None,
                       should_cancel: CancelCheck | None = None) -> dict[int, np.ndarray]:
     """The active adapter's no-prompt head on slices -> {slice index: (H, W) label ids of the training labels}.
 
-    Slices outside the head's field of view are background without encoding; inside it, slices are run
-    ``batch_size`` at a time, on the window the head was trained on when it was trained on a window
+    Slices outside the head's field of view are background without encoding, and a class is not found outside
+    its own slice range (``class_slice_ranges``); inside the field of view, slices are run ``batch_size`` at a
+    time, on the window the head was trained on when it was trained on a window
     (encoded here, rounded to float16 as the cache stores it) or on whole cached embeddings.
     """
     model = predictor.model
@@ -236,6 +245,7 @@ def class_head_labels(predictor: VolumePredictor, slice_indices, batch_size: int
     if view is not None:
         indices = [index for index in indices if view["slices"][0] <= index < view["slices"][1]]
     cropped = view is not None and view.get("cropped", False)
+    class_ranges = class_slice_ranges(view, model.class_ids)
     rows, cols = (slice(*view["rows"]), slice(*view["cols"])) if cropped else (slice(0, height), slice(0, width))
     out_height, out_width = rows.stop - rows.start, cols.stop - cols.start
     for start in range(0, len(indices), batch_size):
@@ -247,8 +257,11 @@ def class_head_labels(predictor: VolumePredictor, slice_indices, batch_size: int
             embeddings = predictor.encode_batch(images).half().float()
         else:
             embeddings = torch.cat([predictor.embedding(index) for index in chunk])
-        logits = model.class_head(model.sam, embeddings)
-        classes = model.preprocessing.logits_to_slice(logits, out_height, out_width).argmax(dim=1).cpu().numpy()
+        logits = model.preprocessing.logits_to_slice(model.class_head(model.sam, embeddings), out_height, out_width)
+        for position, index in enumerate(chunk):
+            outside = [channel for channel, (first, stop) in class_ranges.items() if not first <= index < stop]
+            logits[position, outside] = -torch.inf  # the pixel goes to the next likeliest channel
+        classes = logits.argmax(dim=1).cpu().numpy()
         for index, slice_classes in zip(chunk, classes):
             labels[index][rows, cols] = lookup[slice_classes]
         if progress:

@@ -79,18 +79,24 @@ class FieldOfView:
     slices: tuple[int, int]
     rows: tuple[int, int]
     cols: tuple[int, int]
+    # Each class's own slice range (start, stop), by the same rule as ``slices``: a class is never found on a
+    # slice outside it. Empty for adapters saved before it was recorded (then ``slices`` holds for every class).
+    class_slices: tuple[tuple[int, tuple[int, int]], ...] = ()
 
     def crop(self, slice_2d: np.ndarray) -> np.ndarray:
         return slice_2d[self.rows[0]:self.rows[1], self.cols[0]:self.cols[1]]
 
     def to_json(self) -> dict:
         return {"volume_shape": list(self.volume_shape), "slices": list(self.slices), "rows": list(self.rows),
-                "cols": list(self.cols)}
+                "cols": list(self.cols),
+                "class_slices": {str(class_id): list(extent) for class_id, extent in self.class_slices}}
 
     @classmethod
     def from_json(cls, record: dict) -> "FieldOfView":
         return cls(tuple(int(v) for v in record["volume_shape"]), tuple(int(v) for v in record["slices"]),
-                   tuple(int(v) for v in record["rows"]), tuple(int(v) for v in record["cols"]))
+                   tuple(int(v) for v in record["rows"]), tuple(int(v) for v in record["cols"]),
+                   tuple(sorted((int(key), (int(extent[0]), int(extent[1])))
+                                for key, extent in (record.get("class_slices") or {}).items())))
 
 
 # The window is the annotations' extent, grown by this fraction of it on every side plus a few pixels, and
@@ -103,11 +109,15 @@ FIELD_OF_VIEW_PAD_PX = 4
 MIN_FIELD_OF_VIEW_PX = 64
 
 
-def field_of_view(labels_zyx: np.ndarray, slice_indices: Sequence[int]) -> FieldOfView:
+def field_of_view(labels_zyx: np.ndarray, slice_indices: Sequence[int],
+                  class_ids: Sequence[int] = ()) -> FieldOfView:
     """The window around the labels on ``slice_indices`` of a (Z, H, W) label volume.
 
     The slice range reaches one gap between annotated slices (at least 2 slices) past the first and last
     annotated slice: a structure continues a little beyond the slices a user spread their annotations over.
+    Each of ``class_ids`` gets its own range by the same rule, from the slices it is painted on: on mni152 the
+    pallidum (slices 66-79) was found on 5 slices beyond it, where only the hippocampus lies, 470 false pixels
+    against 3,500 true ones.
     """
     num_slices, height, width = labels_zyx.shape
     indices = sorted(int(index) for index in slice_indices)
@@ -126,10 +136,17 @@ def field_of_view(labels_zyx: np.ndarray, slice_indices: Sequence[int]) -> Field
         start = min(max(start, 0), size - side)
         return start, start + side
 
-    gap = max(2, math.ceil((indices[-1] - indices[0]) / max(len(indices) - 1, 1)))
-    slices = (max(indices[0] - gap, 0), min(indices[-1] + 1 + gap, num_slices))
-    return FieldOfView((num_slices, height, width), slices, window(rows[0], rows[-1], height),
-                       window(cols[0], cols[-1], width))
+    def slice_range(annotated: list[int]) -> tuple[int, int]:
+        gap = max(2, math.ceil((annotated[-1] - annotated[0]) / max(len(annotated) - 1, 1)))
+        return max(annotated[0] - gap, 0), min(annotated[-1] + 1 + gap, num_slices)
+
+    class_slices = []
+    for class_id in sorted({int(value) for value in class_ids}):
+        painted_on = [index for index in indices if (labels_zyx[index] == class_id).any()]
+        if painted_on:
+            class_slices.append((class_id, slice_range(painted_on)))
+    return FieldOfView((num_slices, height, width), slice_range(indices), window(rows[0], rows[-1], height),
+                       window(cols[0], cols[-1], width), tuple(class_slices))
 
 
 @dataclass
@@ -357,5 +374,5 @@ def build_training_data(volumes: Sequence[VolumeAnnotations], *, slices=None, va
                         validation=[example(v, z) for v, z in sorted(validation_keys)],
                         class_ids=class_ids, class_names=names, windows=windows,
                         volume_names=[volume.name for volume in volumes],
-                        fields_of_view=[field_of_view(labels, [z for v, z in candidates if v == volume_index])
-                                        for volume_index, (_, labels) in enumerate(arrays)])
+                        fields_of_view=[field_of_view(labels, [z for v, z in candidates if v == volume_index],
+                                                      class_ids) for volume_index, (_, labels) in enumerate(arrays)])
