@@ -181,6 +181,36 @@ def test_lora_run_tunes_the_encoder_and_the_engine_reproduces_its_validation(mod
         unload_adapter(model)
 
 
+def test_validation_labels_each_class_only_on_its_own_slice_range_as_inference_does(model, ct, tmp_path):
+    """The spleen is painted on slices 8 and 11 only, the liver on 8-20; slice 20 validates. Inference never gives
+    the spleen on slice 20 (outside its range): the validation Dice that picks the kept checkpoint must not
+    either, so the stored score is the one the engine reaches."""
+    from napari_sam_ft.engine.automatic import segment_slice
+    from napari_sam_ft.finetune.validation import ClassDice
+
+    labels = np.zeros_like(ct.labels.array)
+    labels[[8, 11, 14, 20]] = np.where(ct.labels.array[[8, 11, 14, 20]] == 5, 5, 0)
+    labels[[8, 11]] = np.where(np.isin(ct.labels.array[[8, 11]], (1, 5)), ct.labels.array[[8, 11]], 0)
+    data = build_training_data([VolumeAnnotations(ct.image, labels, "ct")], classes=[1, 5],
+                               class_names=ct.class_names, validation_slices=[20])
+    assert dict(data.fields_of_view[0].class_slices)[1][1] <= 20  # slice 20 lies outside the spleen's range
+    # A fast head, so that after 30 steps it finds some liver and, unrestricted, some spleen on slice 20: scored
+    # without the restriction, another checkpoint is kept and the stored Dice differs from the engine's.
+    settings = tiny_settings(prompt_mode="none", decoder_steps=30, validate_every=10, head_learning_rate=0.05,
+                             views_per_slice=2)
+    result = train_adapter(model, data, tmp_path / "ranges", settings)
+    info = load_adapter(model, result.adapter_dir)
+    try:
+        predictor = VolumePredictor(model, ct.image)
+        engine_labels = segment_slice(predictor, 20)
+        assert not (engine_labels == 1).any()
+        accumulator = ClassDice(data.class_ids)
+        accumulator.add(engine_labels, data.validation[0].labels)
+        assert accumulator.mean() == pytest.approx(info.val_dice_after["none"], abs=1e-6)
+    finally:
+        unload_adapter(model)
+
+
 def test_point_prompt_training(model, data, tmp_path):
     result = train_adapter(model, data, tmp_path / "point", tiny_settings(prompt_mode="point", decoder_steps=1))
     # LiteMedSAM was trained with boxes: one click gives almost nothing before tuning. The best weights

@@ -225,6 +225,21 @@ def class_slice_ranges(view: dict | None, class_ids) -> dict[int, tuple[int, int
             for channel, class_id in enumerate(class_ids, start=1) if str(class_id) in recorded}
 
 
+def channels_outside(class_ranges: dict[int, tuple[int, int]], slice_index: int) -> list[int]:
+    """The head channels whose class's slice range (``class_slice_ranges``) does not hold ``slice_index``."""
+    return [channel for channel, (first, stop) in class_ranges.items() if not first <= slice_index < stop]
+
+
+def head_channels(logits: torch.Tensor, outside_per_slice) -> np.ndarray:
+    """(B, 1 + K, H, W) class-head logits -> (B, H, W) channel indices, slice b never given a channel of
+    ``outside_per_slice[b]`` (its pixels go to the next likeliest channel). Inference and training's validation
+    both label through this, so the score that picks the kept checkpoint is the one inference will reach."""
+    logits = logits.clone()
+    for position, outside in enumerate(outside_per_slice):
+        logits[position, list(outside)] = -torch.inf
+    return logits.argmax(dim=1).cpu().numpy()
+
+
 @torch.inference_mode()
 def class_head_labels(predictor: VolumePredictor, slice_indices, batch_size: int = 4,
                       progress: ProgressCallback | None = None,
@@ -258,10 +273,7 @@ def class_head_labels(predictor: VolumePredictor, slice_indices, batch_size: int
         else:
             embeddings = torch.cat([predictor.embedding(index) for index in chunk])
         logits = model.preprocessing.logits_to_slice(model.class_head(model.sam, embeddings), out_height, out_width)
-        for position, index in enumerate(chunk):
-            outside = [channel for channel, (first, stop) in class_ranges.items() if not first <= index < stop]
-            logits[position, outside] = -torch.inf  # the pixel goes to the next likeliest channel
-        classes = logits.argmax(dim=1).cpu().numpy()
+        classes = head_channels(logits, [channels_outside(class_ranges, index) for index in chunk])
         for index, slice_classes in zip(chunk, classes):
             labels[index][rows, cols] = lookup[slice_classes]
         if progress:

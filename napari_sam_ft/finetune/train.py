@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from ..devices import autocast_context, autocast_dtype, dtype_name
+from ..engine.automatic import channels_outside, class_slice_ranges
 from ..engine.onnx_encoder import enabled_by_environment as onnx_encoder_enabled, onnx_encoder_for
 from ..engine.prompts import objects_on_slice
 from ..models.registry import LoadedModel
@@ -281,6 +282,12 @@ class _Trainer:
             piece for example in data.validation for piece in self.decoded_pieces(example) if piece.labels.any()
         ] if settings.zooms or self.windows_per_prompt else list(data.validation)
         self.validation_embeddings: list[torch.Tensor] = []
+        # The classes the automatic head may not give on each validation slice, as inference will exclude them
+        # there: those whose slice range in the saved field of view does not hold the slice.
+        self.validation_outside_channels = [
+            channels_outside(class_slice_ranges(data.fields_of_view[example.volume_index].to_json(), data.class_ids),
+                             example.slice_index) if data.fields_of_view else []
+            for example in self.validation_examples]
         # Measured seconds (for the estimate and the ETA only: they never steer training).
         self.seconds_per_step = {"decoder": None, "encoder": None}
         self.seconds_per_validation = {"decoder": 0.0, "encoder": 0.0}
@@ -466,7 +473,8 @@ class _Trainer:
                 embeddings = [self.encode([example.image_01]) for example in self.validation_examples]
         return score_slices(self.sam, self.preprocessing, embeddings,
                             [example.labels for example in self.validation_examples], self.data.class_ids,
-                            self.settings.validation_modes, head=self.head)
+                            self.settings.validation_modes, head=self.head,
+                            outside_channels=self.validation_outside_channels)
 
     def keep_if_best(self, scores: dict[str, float]) -> bool:
         score = float(np.nanmean(list(scores.values())))

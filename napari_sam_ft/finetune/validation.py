@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..engine.automatic import head_channels
 from ..engine.prompts import box_from_mask, interior_point, objects_on_slice
 from ..models.registry import Preprocessing
 
@@ -94,11 +95,14 @@ class ClassDice:
 
 @torch.no_grad()
 def predict_class_labels(head: nn.Module, sam: nn.Module, preprocessing: Preprocessing, embedding: torch.Tensor,
-                         class_ids: Sequence[int], height: int, width: int) -> np.ndarray:
-    """(1, 256, 64, 64) embedding -> (H, W) int32 label ids from the automatic head's argmax."""
+                         class_ids: Sequence[int], height: int, width: int,
+                         outside_channels: Sequence[int] = ()) -> np.ndarray:
+    """(1, 256, 64, 64) embedding -> (H, W) int32 label ids from the automatic head's argmax, as the engine
+    labels (``engine.automatic.head_channels``): never a channel of ``outside_channels``, the classes whose slice
+    range does not hold this slice."""
     logits = class_logits(head, sam, preprocessing, embedding, [(height, width)])[0]
     lookup = np.array((0, *class_ids), np.int32)
-    return lookup[logits.argmax(0).cpu().numpy()]
+    return lookup[head_channels(logits[None], [outside_channels])[0]]
 
 
 @torch.no_grad()
@@ -123,8 +127,10 @@ def predict_prompted(sam: nn.Module, preprocessing: Preprocessing, embedding: to
 
 def score_slices(sam: nn.Module, preprocessing: Preprocessing, embeddings: Sequence[torch.Tensor],
                  labels: Sequence[np.ndarray], class_ids: Sequence[int], modes: Sequence[str],
-                 head: nn.Module | None = None) -> dict[str, float]:
-    """Dice per mode over annotated slices; ``embeddings[i]`` (1, 256, 64, 64) belongs to ``labels[i]`` (H, W)."""
+                 head: nn.Module | None = None,
+                 outside_channels: Sequence[Sequence[int]] | None = None) -> dict[str, float]:
+    """Dice per mode over annotated slices; ``embeddings[i]`` (1, 256, 64, 64) belongs to ``labels[i]`` (H, W),
+    on which the automatic head never gives a channel of ``outside_channels[i]`` (default: none excluded)."""
     scores: dict[str, float] = {}
     for mode in modes:
         if mode in PROMPTED_MODES:
@@ -140,9 +146,10 @@ def score_slices(sam: nn.Module, preprocessing: Preprocessing, embeddings: Seque
                 scores[mode] = 0.0  # no automatic head yet: nothing is labelled
                 continue
             accumulator = ClassDice(class_ids)
-            for embedding, slice_labels in zip(embeddings, labels):
+            for position, (embedding, slice_labels) in enumerate(zip(embeddings, labels)):
+                outside = outside_channels[position] if outside_channels is not None else ()
                 accumulator.add(predict_class_labels(head, sam, preprocessing, embedding, class_ids,
-                                                     *slice_labels.shape), slice_labels)
+                                                     *slice_labels.shape, outside_channels=outside), slice_labels)
             scores[mode] = accumulator.mean()
         else:
             raise ValueError(f"unknown prompt mode {mode!r}")
