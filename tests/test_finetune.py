@@ -121,7 +121,8 @@ def test_train_adapter_saves_a_working_adapter_and_leaves_the_model_alone(model,
     decoder = sum(p.numel() for p in model.sam.mask_decoder.parameters())
     assert decoder // 2 < result.trainable_parameters < decoder  # the transformer's MLPs stay frozen
     phases = [metrics["phase"] for _, _, metrics in events]
-    assert phases[0] == "encoding" and phases.index("start") < phases.index("planned") and phases[-1] == "decoder"
+    assert phases[0] == "encoding" and phases.index("start") < phases.index("planned")
+    assert phases[-2:] == ["decoder", "checking boxes"]  # with a head: which classes boxes redraw better, last
     planned = next(metrics for _, _, metrics in events if metrics["phase"] == "planned")
     assert planned["decoder_steps"] == 2 and planned["encoder_steps"] == 0 and planned["estimate_s"] > 0
     assert all(total == 2 and metrics["eta_s"] >= 0 for _, total, metrics in events)
@@ -379,3 +380,51 @@ def test_each_class_gets_its_own_slice_range_and_is_not_looked_for_outside_it():
     assert FieldOfView.from_json(view.to_json()) == view
     assert class_slice_ranges(view.to_json(), (2, 7)) == {1: (2, 15), 2: (10, 40)}
     assert class_slice_ranges({"slices": [0, 36]}, (2, 7)) == {}  # an adapter from before: no ranges
+
+
+def test_boxes_around_the_heads_pieces_are_redrawn_by_the_base_model_only_for_the_classes_listed(model, data, ct,
+                                                                                                  tmp_path):
+    """Training records, from its validation slices, which classes the base model's boxes segment better; the
+    engine redraws exactly those classes, with the base network, and leaves the adapter active."""
+    from napari_sam_ft.engine.automatic import class_head_labels, segment_slice
+    from napari_sam_ft.engine.box_refinement import base_model, base_predictor, refine_with_boxes
+    from napari_sam_ft.finetune.adapters import update_adapter_metadata
+
+    settings = tiny_settings(prompt_mode="none", decoder_steps=30, validate_every=10, head_learning_rate=0.05,
+                             views_per_slice=2)
+    result = train_adapter(model, data, tmp_path / "boxed", settings)
+    metadata = json.loads((result.adapter_dir / METADATA_FILE).read_text())
+    assert set(metadata["box_refinement_validation"]) <= {"1", "5"}
+    for class_id in metadata["box_refined_classes"]:  # chosen only where boxing gained on the validation slice
+        head, boxed = metadata["box_refinement_validation"][str(class_id)]
+        assert boxed >= head + 0.01
+    update_adapter_metadata(result.adapter_dir, {"box_refined_classes": [5]})
+    info = load_adapter(model, result.adapter_dir)
+    try:
+        predictor = VolumePredictor(model, ct.image)
+        head_only = class_head_labels(predictor, [14])[14]
+        assert (head_only == 5).any()
+        engine = segment_slice(predictor, 14)
+        expected = refine_with_boxes(base_predictor(predictor), {14: head_only}, [5])[14]
+        np.testing.assert_array_equal(engine, expected)
+        assert not np.array_equal(engine == 5, head_only == 5)  # the liver was redrawn...
+        np.testing.assert_array_equal(engine == 1, (head_only == 1) & (engine != 5))  # ...the spleen was not
+        assert base_model(model).adapter is None and model.adapter_id == info.adapter_id
+    finally:
+        unload_adapter(model)
+
+
+def test_a_box_around_a_rough_mask_gives_the_structure_back(model, ct):
+    """The redrawing on its own (base model, real forward passes): a liver mask with a third of its pixels
+    dropped comes back close to the reference liver (its box is the same), and the spleen is untouched."""
+    from napari_sam_ft.engine.box_refinement import refine_with_boxes
+    from napari_sam_ft.metrics import dice
+
+    reference = ct.labels.array[14]
+    liver = reference == 5
+    rough = np.where(reference == 1, 1, 0).astype(np.int32)
+    rough[liver & (np.random.default_rng(0).random(liver.shape) > 0.35)] = 5
+    redrawn = refine_with_boxes(VolumePredictor(model, ct.image), {14: rough}, [5])[14]
+    assert dice(rough == 5, liver) < 0.85
+    assert dice(redrawn == 5, liver) > 0.9
+    np.testing.assert_array_equal(redrawn == 1, rough == 1)

@@ -281,11 +281,28 @@ def class_head_labels(predictor: VolumePredictor, slice_indices, batch_size: int
     return labels
 
 
+def refined_head_labels(predictor: VolumePredictor, slice_indices, progress: ProgressCallback | None = None,
+                        should_cancel: CancelCheck | None = None) -> dict[int, np.ndarray]:
+    """``class_head_labels``, then the classes the adapter lists as better boxed (``engine.box_refinement``)
+    redrawn by the base model from a box around each piece."""
+    from .box_refinement import base_predictor, refine_with_boxes, refined_classes
+
+    labels = class_head_labels(predictor, slice_indices, progress=progress, should_cancel=should_cancel)
+    classes = refined_classes(predictor.model)
+    if not classes:
+        return labels
+    if should_cancel is not None and should_cancel():
+        raise Cancelled("automatic segmentation cancelled before its boxes were redrawn")
+    with_objects = {index: slice_labels for index, slice_labels in labels.items()
+                    if np.isin(slice_labels, classes).any()}
+    return {**labels, **refine_with_boxes(base_predictor(predictor), with_objects, classes)}
+
+
 def segment_slice(predictor: VolumePredictor, slice_index: int,
                   settings: AutomaticSettings = AutomaticSettings()) -> np.ndarray:
     """Automatic labels of one slice: class ids with an adapter's class head, else object ids."""
     if predictor.model.class_head is not None:
-        return class_head_labels(predictor, [slice_index])[int(slice_index)]
+        return refined_head_labels(predictor, [slice_index])[int(slice_index)]
     return slice_objects(predictor, slice_index, settings)
 
 
@@ -304,8 +321,8 @@ def segment_volume(predictor: VolumePredictor, *, slice_indices=None, settings: 
              >= settings.min_foreground_fraction]
     if predictor.model.class_head is not None:
         labels = np.zeros(volume.shape[:3], np.int32)
-        for index, slice_label in class_head_labels(predictor, worth, progress=progress,
-                                                    should_cancel=should_cancel).items():
+        for index, slice_label in refined_head_labels(predictor, worth, progress=progress,
+                                                      should_cancel=should_cancel).items():
             labels[index] = slice_label
         return labels
     total = len(worth)

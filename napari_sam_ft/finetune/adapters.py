@@ -99,6 +99,7 @@ class AttachedAdapter:
     class_head: ClassHead | None = None
     tuner: object | None = None  # peft LoraModel holding the injected layers
     original_modules: dict[str, nn.Module] = field(default_factory=dict)  # decoder / full scopes
+    base_model: object | None = None  # the base network without it, made when first asked (engine.box_refinement)
 
 
 def adapter_name(adapter_id: str) -> str:
@@ -160,6 +161,16 @@ def save_adapter(output_dir: str | Path, *, scope: str, weights: dict[str, torch
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return read_adapter_info(output_dir)
+
+
+def update_adapter_metadata(adapter_dir: str | Path, fields: dict) -> AdapterInfo:
+    """Add ``fields`` to a saved adapter's metadata (atomically; the weights and so the adapter id stay)."""
+    path = Path(adapter_dir) / METADATA_FILE
+    record = {**json.loads(path.read_text(encoding="utf-8")), **fields}
+    staging = path.with_name(f".{path.name}.new")
+    staging.write_text(json.dumps(record, indent=1, default=_json_default), encoding="utf-8")
+    os.replace(staging, path)
+    return read_adapter_info(adapter_dir)
 
 
 def check_output_folder(output_dir: str | Path) -> Path:

@@ -161,6 +161,9 @@ class TrainingData:
     volume_names: list[str] = field(default_factory=list)
     fields_of_view: list[FieldOfView] = field(default_factory=list)  # one per volume
     cropped: bool = False  # True: the slices are cut to ``fields_of_view``
+    # The image volumes themselves (Volume or array, as given; one per volume), so that the engine can be run on
+    # the validation slices as inference will run it (``finetune.refinement``). Empty: that check is skipped.
+    images: list = field(default_factory=list)
 
     def cropped_to_fields_of_view(self) -> "TrainingData":
         """The same examples cut to each volume's field of view (see ``FieldOfView``)."""
@@ -373,6 +376,8 @@ def build_training_data(volumes: Sequence[VolumeAnnotations], *, slices=None, va
     return TrainingData(train=[example(v, z) for v, z in train_keys],
                         validation=[example(v, z) for v, z in sorted(validation_keys)],
                         class_ids=class_ids, class_names=names, windows=windows,
+                        images=[volume.image if isinstance(volume.image, Volume) else image
+                                for volume, (image, _) in zip(volumes, arrays)],
                         volume_names=[volume.name for volume in volumes],
                         fields_of_view=[field_of_view(labels, [z for v, z in candidates if v == volume_index],
                                                       class_ids) for volume_index, (_, labels) in enumerate(arrays)])

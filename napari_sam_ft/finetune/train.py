@@ -42,11 +42,13 @@ from ..engine.automatic import channels_outside, class_slice_ranges
 from ..engine.onnx_encoder import enabled_by_environment as onnx_encoder_enabled, onnx_encoder_for
 from ..engine.prompts import objects_on_slice
 from ..models.registry import LoadedModel
-from .adapters import adapter_size_bytes, base_network_copy, check_output_folder, save_adapter, window_record
+from .adapters import (adapter_size_bytes, base_network_copy, check_output_folder, save_adapter,
+                       update_adapter_metadata, window_record)
 from .augment import AugmentSettings, augment_pair, jittered_box, sampled_points
 from .data import AnnotatedSlice, TrainingData, spread_evenly, windowed_per_prompt, zoomed_box_examples
 from .heads import ClassHead
 from .losses import batch_dice_ce, binary_dice_ce
+from .refinement import choose_refined_classes
 from .scopes import SCOPES, LoraSettings, TrainableModel, prepare_scope
 from .validation import MODE_VALIDATION, PROMPTED_MODES, class_logits, decode_prompts, pad_points, score_slices
 
@@ -680,6 +682,13 @@ def train_adapter(model: LoadedModel, data: TrainingData, output_dir: str | Path
     metadata = _metadata(model, data, settings, trainer, val_dice_before, seconds, stopped, steps_planned)
     info = save_adapter(output_dir, scope=settings.scope, weights=trainer.best_state[0],
                         lora_config=trainer.trainable.lora_config, class_head=trainer.head, metadata=metadata)
+    if trainer.head is not None and data.images and data.validation and model.spec.automatic_prompt == "box":
+        # A box-trained base model may draw a class better from a box around each piece the head finds.
+        trainer.report({"phase": "checking boxes"})
+        choice, automatic = choose_refined_classes(model, data, info.adapter_dir)
+        if choice["box_refined_classes"]:  # the stored score is what inference reaches: with the boxes
+            trainer.best_scores = {**trainer.best_scores, "none": automatic}
+        info = update_adapter_metadata(info.adapter_dir, {**choice, "val_dice_after": trainer.best_scores})
     return TrainingResult(info.adapter_dir, info.adapter_id, val_dice_before, trainer.best_scores,
                           trainer.trainable_parameters(), seconds, trainer.step, stopped,
                           adapter_size_bytes(info.adapter_dir), **common)
