@@ -246,6 +246,10 @@ def target_lines(rows: list[dict]) -> list[str]:
                               + per_class_text(automatic, "automatic_by_class", 0.80))
                 if zero.get("box") is not None:
                     checks.append(f"{'>=' if value >= zero['box'] else '<'} zero-shot box {zero['box']:.3f}")
+                if "box_refined_classes" in automatic:  # rows since training chooses the classes boxes redraw
+                    names = {str(key): name for key, name in automatic.get("classes", {}).items()}
+                    redrawn = [names.get(str(class_id), str(class_id)) for class_id in automatic["box_refined_classes"]]
+                    checks.append(f"boxes redraw {', '.join(redrawn) or 'no class'}")
             if box.get("box") is not None and zero.get("box") is not None:
                 verdict = "ok" if box["box"] >= zero["box"] else "worse"
                 checks.append(f"box {zero['box']:.3f} -> {box['box']:.3f} ({verdict})"
@@ -326,7 +330,7 @@ def run_case(name, image, reference, classes, args, model, done: dict, record) -
                     else:
                         result = train_adapter(model, data, Path(folder) / "adapter", settings)
                     train_cpu_s = time.process_time() - cpu_started
-                    load_adapter(model, result.adapter_dir)
+                    info = load_adapter(model, result.adapter_dir)
                     try:
                         started = time.perf_counter()
                         scores = {}
@@ -344,6 +348,7 @@ def run_case(name, image, reference, classes, args, model, done: dict, record) -
                         "quiet_estimate_s": round(quiet_seconds(train_cpu_s), 1), "adapter_mb": round(result.adapter_bytes / 2**20, 2),
                         "steps": result.steps, "steps_planned": result.steps_planned, "stopped": result.stopped,
                         "adapter_id": result.adapter_id, "val_before": result.val_dice_before,
+                        "box_refined_classes": info.metadata.get("box_refined_classes", []),
                         "val_after": result.val_dice_after, "score_s": round(time.perf_counter() - started, 1)})
 
 

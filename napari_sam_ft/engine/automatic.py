@@ -291,11 +291,9 @@ def refined_head_labels(predictor: VolumePredictor, slice_indices, progress: Pro
     classes = refined_classes(predictor.model)
     if not classes:
         return labels
-    if should_cancel is not None and should_cancel():
-        raise Cancelled("automatic segmentation cancelled before its boxes were redrawn")
     with_objects = {index: slice_labels for index, slice_labels in labels.items()
                     if np.isin(slice_labels, classes).any()}
-    return {**labels, **refine_with_boxes(base_predictor(predictor), with_objects, classes)}
+    return {**labels, **refine_with_boxes(base_predictor(predictor), with_objects, classes, should_cancel)}
 
 
 def segment_slice(predictor: VolumePredictor, slice_index: int,

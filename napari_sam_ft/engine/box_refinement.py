@@ -21,7 +21,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..models.registry import LoadedModel
-from .predictor import VolumePredictor
+from .predictor import CancelCheck, Cancelled, VolumePredictor
 from .prompts import box_from_mask
 
 # Pieces smaller than this are left as the head drew them: a box around a few pixels names nothing.
@@ -59,16 +59,19 @@ def refined_classes(model: LoadedModel) -> tuple[int, ...]:
     return tuple(int(value) for value in attached.info.metadata.get("box_refined_classes", []))
 
 
-def refine_with_boxes(predictor: VolumePredictor, slice_labels: dict[int, np.ndarray],
-                      class_ids) -> dict[int, np.ndarray]:
+def refine_with_boxes(predictor: VolumePredictor, slice_labels: dict[int, np.ndarray], class_ids,
+                      should_cancel: CancelCheck | None = None) -> dict[int, np.ndarray]:
     """{slice: (H, W) class labels} -> the same with each class of ``class_ids`` redrawn: every connected piece
     of it is boxed and segmented by ``predictor``'s model (``predict_object``). Other classes keep their pixels;
-    where a redrawn piece meets them, they win."""
+    where a redrawn piece meets them, they win. ``should_cancel()`` is checked before every slice."""
     from .click_search import predict_object
 
     classes = [int(value) for value in class_ids]
     refined = {}
-    for index, labels in slice_labels.items():
+    for done, (index, labels) in enumerate(slice_labels.items()):
+        if should_cancel is not None and should_cancel():
+            raise Cancelled(f"automatic segmentation cancelled while redrawing boxes, after {done} of "
+                            f"{len(slice_labels)} slices")
         result = np.where(np.isin(labels, classes), 0, labels).astype(labels.dtype)
         for class_id in classes:
             pieces, count = ndimage.label(labels == class_id)

@@ -688,7 +688,10 @@ def train_adapter(model: LoadedModel, data: TrainingData, output_dir: str | Path
         choice, automatic = choose_refined_classes(model, data, info.adapter_dir)
         if choice["box_refined_classes"]:  # the stored score is what inference reaches: with the boxes
             trainer.best_scores = {**trainer.best_scores, "none": automatic}
-        info = update_adapter_metadata(info.adapter_dir, {**choice, "val_dice_after": trainer.best_scores})
+        seconds = trainer.elapsed  # the check is part of the run
+        info = update_adapter_metadata(info.adapter_dir, {**choice, "val_dice_after": trainer.best_scores,
+                                                          "training": {**metadata["training"],
+                                                                       "seconds": round(seconds, 2)}})
     return TrainingResult(info.adapter_dir, info.adapter_id, val_dice_before, trainer.best_scores,
                           trainer.trainable_parameters(), seconds, trainer.step, stopped,
                           adapter_size_bytes(info.adapter_dir), **common)
