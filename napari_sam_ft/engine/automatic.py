@@ -234,9 +234,10 @@ def head_channels(logits: torch.Tensor, outside_per_slice) -> np.ndarray:
     """(B, 1 + K, H, W) class-head logits -> (B, H, W) channel indices, slice b never given a channel of
     ``outside_per_slice[b]`` (its pixels go to the next likeliest channel). Inference and training's validation
     both label through this, so the score that picks the kept checkpoint is the one inference will reach."""
-    logits = logits.clone()
-    for position, outside in enumerate(outside_per_slice):
-        logits[position, list(outside)] = -torch.inf
+    if any(outside_per_slice):  # copied only when a channel is excluded: the caller's logits stay as they were
+        logits = logits.clone()
+        for position, outside in enumerate(outside_per_slice):
+            logits[position, list(outside)] = -torch.inf
     return logits.argmax(dim=1).cpu().numpy()
 
 

@@ -14,9 +14,6 @@ and no longer follows boxes (brain2, decoder scope: 0.116).
 
 from __future__ import annotations
 
-import dataclasses
-import threading
-
 import numpy as np
 from scipy import ndimage
 
@@ -36,12 +33,11 @@ def base_model(model: LoadedModel) -> LoadedModel:
     attached = model.adapter
     if attached is None:
         return model
-    copy = getattr(attached, "base_model", None)
+    copy = attached.base_model
     if copy is None:
-        from ..finetune.adapters import base_network_copy
+        from ..finetune.adapters import base_model_copy
 
-        copy = dataclasses.replace(model, sam=base_network_copy(model), adapter=None, lock=threading.RLock())
-        attached.base_model = copy
+        copy = attached.base_model = base_model_copy(model)
     return copy
 
 

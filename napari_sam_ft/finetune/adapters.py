@@ -17,11 +17,13 @@ which every encoder pass holds too, so an encoding never sees the network change
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -422,3 +424,9 @@ def base_network_copy(model: LoadedModel) -> nn.Module:
         for name, module in attached.original_modules.items():
             setattr(sam, name, copy.deepcopy(module))
     return sam
+
+
+def base_model_copy(model: LoadedModel) -> LoadedModel:
+    """``model`` as a separate LoadedModel on a copy of its base network (``base_network_copy``), with no adapter and
+    its own lock: an adapter can be attached to it, or it can run, without touching ``model``."""
+    return dataclasses.replace(model, sam=base_network_copy(model), adapter=None, lock=threading.RLock())

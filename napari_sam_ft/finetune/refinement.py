@@ -6,8 +6,6 @@ adapter on a copy of the base network, its head's labels, then each class's piec
 
 from __future__ import annotations
 
-import dataclasses
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +16,7 @@ from ..engine.cache import EmbeddingCache
 from ..engine.predictor import VolumePredictor
 from ..io.volume import Volume
 from ..models.registry import LoadedModel
-from .adapters import base_network_copy, load_adapter
+from .adapters import base_model_copy, load_adapter
 from .data import TrainingData
 from .validation import ClassDice
 
@@ -27,7 +25,7 @@ def choose_refined_classes(model: LoadedModel, data: TrainingData, adapter_dir: 
     """({"box_refined_classes": [class ids], "box_refinement_validation": {class id: [head Dice, boxed Dice]}},
     the automatic validation Dice with those classes boxed) from the validation slices of ``data`` (which must
     carry its ``images``); ``model`` is not changed."""
-    adapted = dataclasses.replace(model, sam=base_network_copy(model), adapter=None, lock=threading.RLock())
+    adapted = base_model_copy(model)
     load_adapter(adapted, adapter_dir)
     head_scores, boxed_scores = ClassDice(data.class_ids), ClassDice(data.class_ids)
     cache = EmbeddingCache()
